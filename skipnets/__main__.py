@@ -1,0 +1,5 @@
+import sys
+
+from skipnets.cli import main
+
+sys.exit(main())

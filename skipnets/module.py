@@ -1,0 +1,199 @@
+"""LightningModules: ``Classifier`` trains any registered classifier by name."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import instantiate_class
+from torch import Tensor, nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from skipnets.errors import ConfigError
+from skipnets.registry import create_model, model_info
+
+DEFAULT_OPTIMIZER = {
+    "class_path": "torch.optim.SGD",
+    "init_args": {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
+}
+
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+def build_model(
+    arch: str,
+    arch_kwargs: dict[str, Any] | None,
+    num_classes: int | None,
+    input_shape: tuple[int, ...] | None,
+) -> nn.Module:
+    """Create ``arch`` from the registry, filling in the classes and input size the data gives."""
+    kwargs = dict(arch_kwargs or {})
+    info = model_info(arch)
+    if num_classes is not None and kwargs.setdefault("num_classes", num_classes) != num_classes:
+        raise ConfigError(
+            f"model.arch_kwargs.num_classes={kwargs['num_classes']} but the data has {num_classes} classes"
+        )
+    if input_shape is not None:
+        if info.input_kind == "image":
+            if len(input_shape) != 3:
+                raise ConfigError(
+                    f"{arch} takes images but the data gives vectors of shape {tuple(input_shape)}; "
+                    "choose image data (for Digits: data.init_args.image_size)"
+                )
+            kwargs.setdefault("in_channels", input_shape[0])
+        else:
+            kwargs.setdefault("in_features", math.prod(input_shape))
+    return create_model(arch, **kwargs)
+
+
+def param_groups(model: nn.Module, weight_decay_norm_and_bias: bool) -> list[dict[str, Any]]:
+    """One group, or two: the second holds norm weights and biases with ``weight_decay=0``."""
+    if weight_decay_norm_and_bias:
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            (no_decay if isinstance(module, _NORM_TYPES) or name == "bias" else decay).append(param)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Classifier(L.LightningModule):
+    """Trains any registered classifier.
+
+    .. code-block:: yaml
+
+        model:
+          arch: resnet56
+          arch_kwargs: {shortcut: A}
+          label_smoothing: 0.1
+        optimizer:                  # LightningCLI's own entries, handed to this module
+          class_path: torch.optim.SGD
+          init_args: {lr: 0.1, momentum: 0.9, nesterov: true, weight_decay: 1e-4}
+        lr_scheduler:
+          class_path: torch.optim.lr_scheduler.MultiStepLR
+          init_args: {milestones: [91, 136], gamma: 0.1}
+
+    Args:
+        arch: registered model name (``skipnets models`` lists them).
+        arch_kwargs: keyword arguments of the model's builder.
+        num_classes: number of classes; the CLI links it from the data module.
+        input_shape: shape of one input; the CLI links it from the data module. Image models get
+            ``in_channels`` from it, vector models ``in_features``.
+        label_smoothing: cross-entropy label smoothing.
+        weight_decay_norm_and_bias: when false, norm-layer weights and all biases get no
+            weight decay.
+        optimizer: ``{class_path, init_args}`` of a ``torch.optim`` optimizer (default: SGD,
+            lr 0.1, Nesterov momentum 0.9, weight decay 5e-4).
+        lr_scheduler: ``{class_path, init_args}`` of a learning-rate scheduler, stepped each
+            epoch (``ReduceLROnPlateau`` watches ``val/loss``).
+    """
+
+    def __init__(
+        self,
+        arch: str = "resnet20",
+        arch_kwargs: dict[str, Any] | None = None,
+        num_classes: int | None = None,
+        input_shape: tuple[int, ...] | None = None,
+        label_smoothing: float = 0.0,
+        weight_decay_norm_and_bias: bool = True,
+        optimizer: dict[str, Any] | None = None,
+        lr_scheduler: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.save_hyperparameters(
+            {
+                "arch": arch,
+                "arch_kwargs": arch_kwargs or {},
+                "num_classes": num_classes,
+                "input_shape": tuple(input_shape) if input_shape is not None else None,
+                "label_smoothing": label_smoothing,
+                "weight_decay_norm_and_bias": weight_decay_norm_and_bias,
+                "optimizer": dict(optimizer) if optimizer else None,
+                "lr_scheduler": dict(lr_scheduler) if lr_scheduler else None,
+            }
+        )
+        self.model = build_model(arch, arch_kwargs, num_classes, input_shape)
+        classes = num_classes or _out_features(self.model)
+        # Keys are prefixed: a bare "train" would shadow nn.Module.train.
+        self.metrics = nn.ModuleDict(
+            {f"{split}_": self._split_metrics(classes) for split in ("train", "val", "test")}
+        )
+        self.losses = nn.ModuleDict({f"{split}_": MeanMetric() for split in ("val", "test")})
+
+    @staticmethod
+    def _split_metrics(num_classes: int) -> MetricCollection:
+        metrics: dict[str, Any] = {"acc": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+        if num_classes > 5:
+            metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+        return MetricCollection(metrics)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def _step(self, batch: tuple[Tensor, Tensor], split: str) -> Tensor:
+        x, y = batch
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        metrics = self.metrics[f"{split}_"]
+        metrics.update(logits.detach(), y)
+        if split == "train":
+            self.log("train/loss", loss, prog_bar=True)
+        else:
+            self.losses[f"{split}_"].update(loss.detach(), weight=y.shape[0])
+        return loss
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self.model(x).softmax(dim=-1)
+
+    def _log_epoch(self, split: str) -> None:
+        values = {f"{split}/{k}": v for k, v in self.metrics[f"{split}_"].compute().items()}
+        if split != "train":
+            values[f"{split}/loss"] = self.losses[f"{split}_"].compute()
+            self.losses[f"{split}_"].reset()
+        self.log_dict(values, prog_bar=split != "test")
+        self.metrics[f"{split}_"].reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    def configure_optimizers(self) -> Any:
+        groups = param_groups(self.model, self.hparams.weight_decay_norm_and_bias)
+        optimizer = instantiate_class(groups, self.hparams.optimizer or DEFAULT_OPTIMIZER)
+        if not self.hparams.lr_scheduler:
+            return optimizer
+        scheduler = instantiate_class(optimizer, self.hparams.lr_scheduler)
+        config = {"scheduler": scheduler, "interval": "epoch"}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = "val/loss"
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+
+def _out_features(model: nn.Module) -> int:
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not last:
+        raise ConfigError("could not infer num_classes from the model; set model.num_classes")
+    return last[-1].out_features

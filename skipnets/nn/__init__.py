@@ -1,0 +1,25 @@
+"""Building blocks: the skip-block contract and the blocks several families share."""
+
+from skipnets.nn.blocks import (
+    BasicBlock,
+    HighwayLinear,
+    PadShortcut,
+    PlainLinear,
+    activation,
+    conv3x3,
+    projection,
+)
+from skipnets.nn.skip import Observer, SkipBlock, skip_blocks
+
+__all__ = [
+    "BasicBlock",
+    "HighwayLinear",
+    "Observer",
+    "PadShortcut",
+    "PlainLinear",
+    "SkipBlock",
+    "activation",
+    "conv3x3",
+    "projection",
+    "skip_blocks",
+]

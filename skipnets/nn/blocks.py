@@ -1,0 +1,159 @@
+"""Skip blocks shared by several families: fully connected plain/highway layers and the
+post-activation basic residual block (which, without its shortcut, is the plain CNN layer)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from skipnets.errors import ConfigError
+from skipnets.nn.skip import SkipBlock
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "gelu": nn.GELU,
+    "elu": nn.ELU,
+    "leaky_relu": nn.LeakyReLU,
+}
+
+
+def activation(name: str) -> nn.Module:
+    try:
+        return ACTIVATIONS[name]()
+    except KeyError:
+        raise ConfigError(
+            f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}"
+        ) from None
+
+
+class PlainLinear(SkipBlock):
+    """A same-shape fully connected layer ``y = act(norm(W x + b))`` with no skip path.
+
+    As a ``plain`` skip block it can be lesioned (it then passes ``x`` through), which is how one
+    shows that removing a layer of a plain network is catastrophic.
+    """
+
+    kind = "plain"
+
+    def __init__(self, width: int, act: str = "relu", norm: bool = False) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width, bias=not norm)
+        self.norm = nn.BatchNorm1d(width) if norm else nn.Identity()
+        self.act = activation(act)
+
+    def branch(self, x: Tensor) -> Tensor:
+        return self.act(self.norm(self.linear(x)))
+
+    def combine(self, shortcut: Tensor, branch: Tensor) -> Tensor:
+        return branch
+
+    def bypass(self, x: Tensor, shortcut: Tensor) -> Tensor:
+        return x
+
+
+class HighwayLinear(SkipBlock):
+    """A highway layer (Srivastava et al. 2015): ``y = t * h + (1 - t) * x``.
+
+    ``h = act(W_H x + b_H)`` and the transform gate ``t = sigmoid(W_T x + b_T)``. The gate bias
+    ``b_T`` starts negative (``gate_bias``, -1 to -3 in the paper) so that the layer begins close
+    to the identity. Written as a branch on a shortcut: ``y = x + t * (h - x)``. While observed,
+    the gate of the last forward is kept (detached) in ``last_gate`` for plotting.
+    """
+
+    kind = "highway"
+
+    def __init__(self, width: int, act: str = "relu", gate_bias: float = -2.0) -> None:
+        super().__init__()
+        self.transform = nn.Linear(width, width)
+        self.gate = nn.Linear(width, width)
+        self.act = activation(act)
+        nn.init.constant_(self.gate.bias, gate_bias)
+        self.last_gate: Tensor | None = None
+
+    def branch(self, x: Tensor) -> Tensor:
+        h = self.act(self.transform(x))
+        t = torch.sigmoid(self.gate(x))
+        if self._observers:
+            self.last_gate = t.detach()
+        return t * (h - x)
+
+
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+
+
+class PadShortcut(nn.Module):
+    """He et al.'s option A: subsample by ``stride`` and zero-pad the new channels (no weights)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.extra = out_channels - in_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        before = self.extra // 2
+        return F.pad(x, (0, 0, 0, 0, before, self.extra - before))
+
+
+ShortcutType = Literal["A", "B", "none"]
+
+
+def projection(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
+    """Option B: a strided 1x1 convolution and batch norm."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+        nn.BatchNorm2d(out_channels),
+    )
+
+
+class BasicBlock(SkipBlock):
+    """Two 3x3 conv-BN layers, ReLU after the sum (He et al. 2016, post-activation).
+
+    ``shortcut="A"`` pads with zeros where the shape changes (the CIFAR nets), ``"B"`` projects
+    with a 1x1 convolution, ``"none"`` gives the plain network's two-layer block: then the block
+    is ``plain`` and can be lesioned only where its shape does not change.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int = 1, shortcut: ShortcutType = "A"
+    ) -> None:
+        super().__init__()
+        self.conv1 = conv3x3(in_channels, out_channels, stride)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = conv3x3(out_channels, out_channels)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        same_shape = stride == 1 and in_channels == out_channels
+        if shortcut == "none":
+            self.kind = "plain"
+            self.bypassable = same_shape
+            self.downsample: nn.Module = nn.Identity()
+        elif same_shape:
+            self.downsample = nn.Identity()
+        elif shortcut == "A":
+            self.downsample = PadShortcut(in_channels, out_channels, stride)
+        elif shortcut == "B":
+            self.downsample = projection(in_channels, out_channels, stride)
+        else:
+            raise ConfigError(f"shortcut must be 'A', 'B' or 'none', not {shortcut!r}")
+
+    def branch(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return self.bn2(self.conv2(out))
+
+    def shortcut(self, x: Tensor) -> Tensor:
+        return self.downsample(x)
+
+    def combine(self, shortcut: Tensor, branch: Tensor) -> Tensor:
+        if self.kind == "plain":
+            return F.relu(branch)
+        return F.relu(shortcut + branch)
+
+    def bypass(self, x: Tensor, shortcut: Tensor) -> Tensor:
+        return x if self.kind == "plain" else shortcut

@@ -1,0 +1,160 @@
+"""The skip-block contract every research plugin relies on.
+
+A skip block computes ``out = combine(shortcut(x), branch(x))``:
+
+=============  ==========================  ==========================================
+kind           combine                     bypass (lesioned / dropped)
+=============  ==========================  ==========================================
+``residual``   ``shortcut + branch``       ``shortcut(x)``
+``highway``    ``x + t * (h - x)``         ``x`` (transform gate closed, T = 0)
+``dense``      ``cat([x, branch], dim=1)`` ``cat([x, zeros])`` (no new features)
+``plain``      ``branch``                  ``x`` (only for same-shape layers)
+=============  ==========================  ==========================================
+
+Plugins never look at a family; they set ``survival_prob``/``drop_mode``/``scaling``,
+``lesioned``, or attach an observer that sees ``x`` and ``branch(x)`` of each forward. With none
+of these in use, ``forward`` takes a fast path that costs what a hand-written block costs.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from skipnets.errors import ConfigError
+
+__all__ = ["Observer", "SkipBlock", "skip_blocks"]
+
+#: ``observer(block, x, branch_out)``, called after the branch ran, before ``combine``.
+Observer = Callable[["SkipBlock", Tensor, Tensor], None]
+
+Kind = Literal["residual", "highway", "dense", "plain"]
+
+
+class SkipBlock(nn.Module):
+    """Base class for every block that has, or could have, a skip path.
+
+    Subclasses implement ``branch`` and, where they differ from a residual block, ``shortcut``,
+    ``combine`` and ``bypass``. Builders set ``stage`` (the resolution stage the block belongs to).
+
+    Stochastic depth (Huang et al. 2016): with ``survival_prob`` p < 1, during training the branch
+    is kept with probability p, either once per mini-batch (``drop_mode="batch"``; a dropped
+    branch is not computed at all) or per sample (``"sample"``, like timm's drop_path). With
+    ``scaling="test"`` (Huang) a kept branch is used as is in training and multiplied by p at test
+    time; with ``"inverted"`` it is divided by p in training and used as is at test time.
+    """
+
+    kind: Kind = "residual"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stage = 0
+        self.survival_prob = 1.0
+        self.drop_mode: Literal["batch", "sample"] = "batch"
+        self.scaling: Literal["test", "inverted"] = "test"
+        #: Generator for the drop decisions (None: torch's default). Ranks that must agree on
+        #: which blocks run (batch mode under DDP) share a seeded one.
+        self.drop_generator: torch.Generator | None = None
+        #: Fraction of the last training batch whose branch ran (1.0 when nothing is dropped).
+        self.last_kept: float | Tensor = 1.0
+        #: False for blocks whose output shape differs from their input and that have no
+        #: shortcut to fall back on (a plain downsampling layer): they cannot be lesioned.
+        self.bypassable = True
+        self._lesioned = False
+        self._observers: OrderedDict[int, Observer] = OrderedDict()
+
+    # -- what subclasses define -------------------------------------------------------------
+    def branch(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def shortcut(self, x: Tensor) -> Tensor:
+        return x
+
+    def combine(self, shortcut: Tensor, branch: Tensor) -> Tensor:
+        return shortcut + branch
+
+    def bypass(self, x: Tensor, shortcut: Tensor) -> Tensor:
+        """The block's output with its branch removed."""
+        return shortcut
+
+    # -- the contract -----------------------------------------------------------------------
+    @property
+    def lesioned(self) -> bool:
+        """When true the block is its identity path: see the table in the module docstring."""
+        return self._lesioned
+
+    @lesioned.setter
+    def lesioned(self, value: bool) -> None:
+        if value and not self.bypassable:
+            raise ConfigError(
+                f"{type(self).__name__} changes the shape of its input and has no shortcut: "
+                "it cannot be lesioned"
+            )
+        self._lesioned = bool(value)
+
+    def observe(self, observer: Observer) -> RemovableHandle:
+        """Call ``observer(block, x, branch_out)`` on every forward that runs the branch.
+
+        The observer sees the tensors of this forward only; whatever it keeps alive is its own
+        responsibility. Returns a handle whose ``remove()`` detaches it.
+        """
+        handle = RemovableHandle(self._observers)
+        self._observers[handle.id] = observer
+        return handle
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self._lesioned or self._observers or self.survival_prob < 1.0):
+            return self.combine(self.shortcut(x), self.branch(x))
+        return self._forward_general(x)
+
+    def _forward_general(self, x: Tensor) -> Tensor:
+        shortcut = self.shortcut(x)
+        if self._lesioned:
+            return self.bypass(x, shortcut)
+        p = self.survival_prob
+        if p < 1.0 and self.training:
+            if self.drop_mode == "batch":
+                keep = bool(torch.rand((), generator=self.drop_generator) < p)
+                self.last_kept = 1.0 if keep else 0.0
+                if not keep:
+                    return self.bypass(x, shortcut)
+                out = self.branch(x)
+                if self.scaling == "inverted":
+                    out = out / p
+            else:
+                out = self.branch(x)
+                mask_shape = (out.shape[0],) + (1,) * (out.ndim - 1)
+                mask = torch.empty(mask_shape, device=out.device, dtype=out.dtype).bernoulli_(p)
+                self.last_kept = mask.mean()
+                out = out * (mask / p if self.scaling == "inverted" else mask)
+        else:
+            out = self.branch(x)
+            if p < 1.0 and self.scaling == "test":
+                out = out * p
+        for observer in tuple(self._observers.values()):
+            observer(self, x, out)
+        return self.combine(shortcut, out)
+
+    def extra_repr(self) -> str:
+        extras = [f"kind={self.kind}", f"stage={self.stage}"]
+        if self.survival_prob < 1.0:
+            extras.append(f"survival_prob={self.survival_prob:.3g}, drop_mode={self.drop_mode}")
+        if self._lesioned:
+            extras.append("lesioned=True")
+        return ", ".join(extras)
+
+
+def skip_blocks(model: nn.Module) -> Iterator[tuple[str, SkipBlock]]:
+    """Yield ``(name, block)`` for every skip block of ``model``, in depth order.
+
+    Depth order is registration order, which every skipnets builder keeps equal to the order of
+    the forward pass; ``block.stage`` gives the block's stage.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, SkipBlock):
+            yield name, module
