@@ -49,6 +49,7 @@ class SkipnetsCLI(LightningCLI):
         super().__init__(
             model_class=Classifier,
             datamodule_class=DataModule,
+            subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_callback=SaveRunConfig,
             auto_configure_optimizers=False,
@@ -61,10 +62,14 @@ class SkipnetsCLI(LightningCLI):
         # builds them over its own parameter groups (no weight decay on norms and biases).
         parser.add_optimizer_args()
         parser.add_lr_scheduler_args()
-        parser.link_arguments("optimizer", "model.optimizer", compute_fn=_as_dict)
-        parser.link_arguments("lr_scheduler", "model.lr_scheduler", compute_fn=_as_dict)
-        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.input_shape", "model.input_shape", apply_on="instantiate")
+        parser.link_arguments("optimizer", "model.init_args.optimizer", compute_fn=_as_dict)
+        parser.link_arguments("lr_scheduler", "model.init_args.lr_scheduler", compute_fn=_as_dict)
+        parser.link_arguments(
+            "data.num_classes", "model.init_args.num_classes", apply_on="instantiate"
+        )
+        parser.link_arguments(
+            "data.input_shape", "model.init_args.input_shape", apply_on="instantiate"
+        )
         parser.add_argument(
             "--test_after_fit",
             type=bool,
