@@ -1,0 +1,72 @@
+"""What the research callbacks share: their folder in the run directory, CSV files, Agg figures,
+and handing both to the logger (W&B gets images and tables; other loggers only the files)."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.loggers import WandbLogger
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from skipnets.runs import run_dir
+
+__all__ = ["log_image", "log_table", "new_figure", "output_dir", "save_figure", "write_csv"]
+
+
+def output_dir(trainer: L.Trainer, plugin: str) -> Path:
+    """``run_dir(trainer) / plugin``, created. Call it on rank zero only."""
+    path = run_dir(trainer) / plugin
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def new_figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.0, 4.0)):
+    """A figure on its own Agg canvas (no pyplot state, no display needed) and its axes grid."""
+    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes: Any = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def save_figure(trainer: L.Trainer, fig: Figure, path: Path, key: str, dpi: int = 110) -> Path:
+    """Write ``fig`` as PNG and log it to the logger under ``key``."""
+    fig.savefig(path, dpi=dpi)
+    log_image(trainer, key, [path])
+    return path
+
+
+def log_image(trainer: L.Trainer, key: str, paths: Sequence[Path]) -> None:
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=key, images=[str(p) for p in paths])
+
+
+def write_csv(path: Path, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def log_table(
+    trainer: L.Trainer, key: str, columns: Sequence[str], rows: Sequence[dict[str, Any]]
+) -> None:
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_table(
+                key=key, columns=list(columns), data=[[r[c] for c in columns] for r in rows]
+            )
+
+
+def mark_stages(ax: Axes, stages: Sequence[int], offset: float = 0.0) -> None:
+    """Dashed vertical lines between consecutive indices whose stage differs."""
+    for i in range(1, len(stages)):
+        if stages[i] != stages[i - 1]:
+            ax.axvline(i - 0.5 + offset, color="0.5", linestyle="--", linewidth=0.8)
