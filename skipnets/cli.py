@@ -1,8 +1,9 @@
 """The ``skipnets`` command.
 
 ``skipnets fit|validate|test|predict`` is LightningCLI (``--config``, several compose; dotted
-overrides; ``--print_config``). ``skipnets models`` and ``skipnets --version`` are dispatched
-before it, since LightningCLI only hosts Trainer subcommands.
+overrides; ``--print_config``). ``skipnets models``, ``skipnets plugins``, ``skipnets lesion``
+and ``skipnets --version`` are dispatched before it, since LightningCLI only hosts Trainer
+subcommands; ``lesion`` goes through it again as a ``validate`` run with the Lesion plugin.
 
 A user error (missing or invalid config, unknown key, unknown architecture, bad value) prints one
 message and exits with status 2; ``SKIPNETS_DEBUG=1`` shows the traceback instead.
@@ -22,7 +23,11 @@ USER_ERROR = 2
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     explicit = argv is not None
-    commands: dict[str, Callable[[list[str]], int]] = {"models": _models_command}
+    commands: dict[str, Callable[[list[str]], int]] = {
+        "models": _models_command,
+        "plugins": _plugins_command,
+        "lesion": _lesion_command,
+    }
     try:
         if args and args[0] in ("--version", "-V"):
             from skipnets import __version__
@@ -70,6 +75,125 @@ def _models_command(args: list[str]) -> int:
     for row in [header, *rows]:
         print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
     return 0
+
+
+def _plugins_command(args: list[str]) -> int:
+    from skipnets.plugins import AUTOLOAD_ENV, ENTRY_POINT_GROUP, autoload_enabled
+
+    parser = argparse.ArgumentParser(
+        prog="skipnets plugins",
+        description=f"List the callbacks installed through the {ENTRY_POINT_GROUP!r} entry-point "
+        "group; exits with status 1 when one of them fails to load.",
+    )
+    parser.parse_args(args)
+
+    import warnings
+
+    from skipnets.plugins import PluginLoadWarning, discover_plugins
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PluginLoadWarning)
+        plugins = discover_plugins(load=True, refresh=True)
+    if not plugins:
+        print(f"no plugins installed (entry-point group {ENTRY_POINT_GROUP!r})")
+        return 0
+    header = ("name", "class", "from", "summary")
+    rows = [
+        (p.name, p.class_path, p.source, p.summary if p.loaded else f"FAILED: {p.error}")
+        for p in plugins
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+    for row in [header, *rows]:
+        print("  ".join([*(c.ljust(w) for c, w in zip(row, widths)), row[-1]]).rstrip())
+    if not autoload_enabled():
+        print(
+            f"\n{AUTOLOAD_ENV} is set: configs must name these by full import path",
+            file=sys.stderr,
+        )
+    return 1 if any(p.error for p in plugins) else 0
+
+
+LESION_USAGE = """usage: skipnets lesion --config CONFIG --ckpt_path CHECKPOINT [--key=value ...]
+
+Lesion study of a trained checkpoint: evaluates the model of CONFIG with each skip block removed
+(and the other lesions the Lesion plugin is configured for). It runs `skipnets validate` with the
+Lesion plugin added; its settings come from the config's trainer.callbacks when a Lesion is listed
+there, and any `skipnets validate` option applies (`skipnets validate --help`). Results go to
+<run dir>/lesion/lesion.csv and lesion.png.
+"""
+
+
+def _lesion_command(args: list[str]) -> int:
+    if not args or args[0] in ("-h", "--help"):
+        print(LESION_USAGE, end="", file=sys.stdout if args else sys.stderr)
+        return 0 if args else USER_ERROR
+
+    from skipnets.errors import ConfigError
+    from skipnets.lightning_cli import SkipnetsCLI
+    from skipnets.plugins import load_plugin
+
+    lesion = load_plugin("Lesion")
+
+    class LesionCLI(SkipnetsCLI):
+        def before_validate(self) -> None:
+            ckpt_path = self.config.validate.get("ckpt_path")
+            if not ckpt_path:
+                raise ConfigError("skipnets lesion needs --ckpt_path: a checkpoint of the model")
+            check_checkpoint(ckpt_path, self.model)
+            if not any(isinstance(callback, lesion) for callback in self.trainer.callbacks):
+                self.trainer.callbacks.append(lesion())
+
+    LesionCLI(args=["validate", *args])
+    return 0
+
+
+def check_checkpoint(path: str, model: object) -> None:
+    """Raise ``ConfigError`` unless ``path`` is a checkpoint whose weights fit ``model``."""
+    from pathlib import Path
+
+    import torch
+
+    from skipnets.errors import ConfigError
+
+    if not Path(path).is_file():
+        raise ConfigError(f"no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ConfigError(f"could not read checkpoint {path}: {err}") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ConfigError(f"{path} is not a Lightning checkpoint (it has no state_dict)")
+
+    def architecture(hparams: object) -> str | None:
+        if not hasattr(hparams, "get") or not hparams.get("arch"):
+            return None
+        kwargs = hparams.get("arch_kwargs") or {}
+        return hparams["arch"] + (f" {dict(kwargs)}" if kwargs else "")
+
+    saved = architecture(checkpoint.get("hyper_parameters", {}))
+    wanted = architecture(getattr(model, "hparams", {}))
+    hint = "pass the config the checkpoint was trained with (its run directory has config.yaml)"
+    if saved and wanted and saved != wanted:
+        raise ConfigError(f"{path} holds a {saved} model but the config builds {wanted}: {hint}")
+    state, expected = checkpoint["state_dict"], model.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    reshaped = sorted(
+        k
+        for k in expected.keys() & state.keys()
+        if tuple(expected[k].shape) != tuple(state[k].shape)
+    )
+    problems = [
+        f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("differently shaped", reshaped),
+        )
+        if keys
+    ]
+    if problems:
+        raise ConfigError(f"{path} does not fit the config's model ({'; '.join(problems)}): {hint}")
 
 
 def _lightning(args: list[str] | None) -> int:

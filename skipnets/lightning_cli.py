@@ -4,6 +4,7 @@ default (offline without credentials), and every file of a run under its run dir
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from skipnets.data import DataModule
 from skipnets.module import Classifier
+from skipnets.plugins import check_config_names, discover_plugins
 from skipnets.runs import run_dir, wandb_has_credentials
 
 WANDB_LOGGER = "lightning.pytorch.loggers.WandbLogger"
@@ -45,6 +47,9 @@ class SaveRunConfig(SaveConfigCallback):
 
 class SkipnetsCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
+        # Plugins are imported before parsing, so that a config can name them by class name.
+        discover_plugins()
+        check_config_names(sys.argv[1:] if args is None else args)
         kwargs.setdefault("trainer_defaults", _trainer_defaults())
         super().__init__(
             model_class=Classifier,

@@ -1,0 +1,394 @@
+"""Lesion studies: how much a trained network needs each of its blocks (Srivastava, Greff,
+Schmidhuber 2015, "Training Very Deep Networks", Fig. 4; Veit, Wilber, Belongie 2016, "Residual
+Networks Behave Like Ensembles of Relatively Shallow Networks")."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from skipnets.errors import ConfigError
+from skipnets.nn import SkipBlock, skip_blocks
+from skipnets.runs import run_dir
+
+__all__ = ["Lesion", "LesionResult"]
+
+
+@dataclass(frozen=True)
+class LesionResult:
+    """One row of ``lesion.csv``. ``lesion`` is ``single``, ``delete`` (``k`` random blocks,
+    draw ``draw``) or ``swap`` (a block and the next); the block fields of a ``delete`` or
+    ``swap`` row list every block involved, separated by ``;``."""
+
+    lesion: str
+    k: int
+    draw: int
+    block_index: str
+    block_name: str
+    kind: str
+    stage: str
+    loss: float
+    accuracy: float
+    baseline_loss: float
+    baseline_accuracy: float
+
+
+COLUMNS = [f.name for f in fields(LesionResult)]
+
+
+class Lesion(Callback):
+    """Evaluates the trained model with each skip block lesioned, against the intact model.
+
+    A lesioned block keeps only its identity path: a residual block its shortcut, a highway
+    layer ``y = x`` (transform gate closed), a dense layer adds no new features, a same-shape
+    plain layer passes its input through (which shows why plain networks break). Plain layers
+    that change the shape have nothing to fall back on and are left out, with a note. Also
+    deletes ``k`` random blocks at once for ``k = 1 .. max_deletions`` (Veit et al.'s curve) and,
+    optionally, swaps each pair of adjacent blocks whose shapes allow it.
+
+    Runs after ``fit`` on the weights it ended with, and in a standalone ``validate`` (which is
+    what ``skipnets lesion --config ... --ckpt_path ...`` runs). Writes
+    ``<run dir>/lesion/lesion.csv`` and ``lesion.png`` (metric against block index with the
+    baseline dashed, and the k-deletion curve) and logs both to W&B as a table and an image.
+
+    .. code-block:: yaml
+
+        trainer:
+          callbacks:
+            - class_path: Lesion
+              init_args: {split: val, max_deletions: 8, draws: 5}
+
+    Metrics are summed over every rank's share of the split, so the numbers under DDP are the
+    ones of a single process; only rank zero writes.
+
+    Args:
+        split: the data to evaluate on: ``train``, ``val`` or ``test`` (the data module's split,
+            without shuffling or augmentation other than the loader's own).
+        max_deletions: the largest ``k`` of the k-random-deletion curve (clipped to the number
+            of blocks that can be lesioned); 0 leaves the curve out.
+        draws: random sets of blocks per ``k``.
+        swaps: also evaluate with each pair of adjacent same-shape blocks swapped.
+        limit_batches: evaluate on at most this many batches per rank (None: the whole split).
+        seed: seed of the random deletions.
+    """
+
+    def __init__(
+        self,
+        split: Literal["train", "val", "test"] = "val",
+        max_deletions: int = 10,
+        draws: int = 5,
+        swaps: bool = False,
+        limit_batches: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if split not in ("train", "val", "test"):
+            raise ConfigError(f"split must be 'train', 'val' or 'test', not {split!r}")
+        if max_deletions < 0:
+            raise ConfigError(f"max_deletions must be >= 0, got {max_deletions}")
+        if draws < 1:
+            raise ConfigError(f"draws must be at least 1, got {draws}")
+        if limit_batches is not None and limit_batches < 1:
+            raise ConfigError(f"limit_batches must be positive or null, got {limit_batches}")
+        self.split = split
+        self.max_deletions = max_deletions
+        self.draws = draws
+        self.swaps = swaps
+        self.limit_batches = limit_batches
+        self.seed = seed
+        self.results: list[LesionResult] = []
+        self.skipped: list[str] = []
+        self.output_dir: Path | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not any(True for _ in skip_blocks(pl_module)):
+            arch = pl_module.hparams.get("arch")
+            what = f"model {arch!r}" if arch else f"the model ({type(pl_module).__name__})"
+            raise ConfigError(
+                f"Lesion needs a model built from skip blocks, but {what} has none "
+                "(`skipnets models` marks the architectures with skip connections)"
+            )
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.run(trainer, pl_module)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking:
+            self.run(trainer, pl_module)
+
+    # -- the study ----------------------------------------------------------------------------
+    def run(self, trainer: Trainer, pl_module: LightningModule) -> list[LesionResult]:
+        """Evaluate every lesion on this trainer's data; rank zero writes and logs the results."""
+        loader = self._loader(trainer)
+        blocks = list(skip_blocks(pl_module))
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            self.results = self._study(trainer, pl_module, loader, blocks)
+        finally:
+            for _, block in blocks:
+                block.lesioned = False
+            pl_module.train(was_training)
+        if trainer.is_global_zero:
+            self._report(trainer)
+        return self.results
+
+    def _study(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        loader: DataLoader,
+        blocks: list[tuple[str, SkipBlock]],
+    ) -> list[LesionResult]:
+        def evaluate() -> tuple[float, float]:
+            return self._evaluate(trainer, pl_module, loader)
+
+        base_loss, base_acc = evaluate()
+        self.baseline = (base_loss, base_acc)
+        results: list[LesionResult] = []
+
+        def record(lesion: str, k: int, draw: int, indices: list[int], metrics: tuple) -> None:
+            picked = [blocks[i] for i in indices]
+            results.append(
+                LesionResult(
+                    lesion,
+                    k,
+                    draw,
+                    ";".join(map(str, indices)),
+                    ";".join(name for name, _ in picked),
+                    ";".join(dict.fromkeys(block.kind for _, block in picked)),
+                    ";".join(dict.fromkeys(str(block.stage) for _, block in picked)),
+                    metrics[0],
+                    metrics[1],
+                    base_loss,
+                    base_acc,
+                )
+            )
+
+        lesionable = [i for i, (_, block) in enumerate(blocks) if block.bypassable]
+        self.skipped = [name for name, block in blocks if not block.bypassable]
+        for i in lesionable:
+            with _lesioned([blocks[i][1]]):
+                record("single", 1, 0, [i], evaluate())
+
+        generator = torch.Generator().manual_seed(self.seed)  # the same draws on every rank
+        for k in range(1, min(self.max_deletions, len(lesionable)) + 1):
+            for draw in range(self.draws):
+                chosen = torch.randperm(len(lesionable), generator=generator)[:k].tolist()
+                indices = sorted(lesionable[j] for j in chosen)
+                with _lesioned([blocks[i][1] for i in indices]):
+                    record("delete", k, draw, indices, evaluate())
+
+        if self.swaps:
+            for i in self._swappable(trainer, pl_module, loader, blocks):
+                with _swapped(pl_module, blocks[i][0], blocks[i + 1][0]):
+                    record("swap", 2, 0, [i, i + 1], evaluate())
+        return results
+
+    @torch.no_grad()
+    def _evaluate(
+        self, trainer: Trainer, pl_module: LightningModule, loader: DataLoader
+    ) -> tuple[float, float]:
+        totals = torch.zeros(3, dtype=torch.float64, device=pl_module.device)
+        for index, batch in enumerate(loader):
+            if self.limit_batches is not None and index >= self.limit_batches:
+                break
+            x, y = trainer.strategy.batch_to_device(batch)[:2]
+            with trainer.precision_plugin.forward_context():
+                logits = pl_module(x)
+            logits = logits.float()
+            totals[0] += F.cross_entropy(logits, y, reduction="sum")
+            totals[1] += (logits.argmax(1) == y).sum()
+            totals[2] += y.numel()
+        totals = trainer.strategy.reduce(totals, reduce_op="sum")
+        if totals[2] == 0:
+            raise ConfigError(f"Lesion: the {self.split} split is empty")
+        return (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
+
+    def _loader(self, trainer: Trainer) -> DataLoader:
+        """The split's loader, unshuffled, with each rank taking every ``world_size``-th sample
+        (no padding, so that every sample counts once)."""
+        datamodule = trainer.datamodule
+        if datamodule is not None:
+            if getattr(datamodule, f"{self.split}_set", 0) is None:
+                datamodule.setup("fit" if self.split in ("train", "val") else "test")
+            loader = getattr(datamodule, f"{self.split}_dataloader")()
+        else:
+            loader = {
+                "train": trainer.train_dataloader,
+                "val": trainer.val_dataloaders,
+                "test": trainer.test_dataloaders,
+            }[self.split]
+            if isinstance(loader, (list, tuple)):
+                loader = loader[0] if loader else None
+        if not isinstance(loader, DataLoader):
+            raise ConfigError(f"Lesion: there is no {self.split} data to evaluate on")
+        dataset = loader.dataset
+        if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            raise ConfigError("Lesion needs a map-style dataset (one with a length)")
+        if trainer.world_size > 1:
+            dataset = Subset(dataset, range(trainer.global_rank, len(dataset), trainer.world_size))
+        return DataLoader(
+            dataset,
+            batch_size=loader.batch_size or 1,
+            shuffle=False,
+            num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn,
+            pin_memory=loader.pin_memory,
+        )
+
+    def _swappable(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        loader: DataLoader,
+        blocks: list[tuple[str, SkipBlock]],
+    ) -> list[int]:
+        """Indices ``i`` where blocks ``i`` and ``i + 1`` sit in the same container and both
+        keep the shape of their input, so that their order can be swapped."""
+        shapes: dict[int, tuple[tuple, tuple]] = {}
+
+        def remember(index: int):
+            def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+                shapes[index] = (tuple(args[0].shape), tuple(output.shape))
+
+            return hook
+
+        handles = [block.register_forward_hook(remember(i)) for i, (_, block) in enumerate(blocks)]
+        try:
+            batch = trainer.strategy.batch_to_device(next(iter(loader)))
+            with torch.no_grad(), trainer.precision_plugin.forward_context():
+                pl_module(batch[0])
+        finally:
+            for handle in handles:
+                handle.remove()
+
+        def same_shape(i: int) -> bool:
+            return i in shapes and shapes[i][0] == shapes[i][1]
+
+        def parent(name: str) -> str:
+            return name.rpartition(".")[0]
+
+        return [
+            i
+            for i in range(len(blocks) - 1)
+            if same_shape(i)
+            and same_shape(i + 1)
+            and parent(blocks[i][0]) == parent(blocks[i + 1][0])
+        ]
+
+    # -- output -------------------------------------------------------------------------------
+    def _report(self, trainer: Trainer) -> None:
+        directory = run_dir(trainer) / "lesion"
+        directory.mkdir(parents=True, exist_ok=True)
+        self.output_dir = directory
+        with open(directory / "lesion.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(COLUMNS)
+            writer.writerows(astuple(result) for result in self.results)
+        self._plot(directory / "lesion.png")
+
+        singles = [r for r in self.results if r.lesion == "single"]
+        base_loss, base_acc = self.baseline
+        summary = {"lesion/baseline_acc": base_acc, "lesion/baseline_loss": base_loss}
+        if singles:
+            worst = min(singles, key=lambda r: r.accuracy)
+            summary["lesion/single_mean_acc"] = sum(r.accuracy for r in singles) / len(singles)
+            summary["lesion/single_min_acc"] = worst.accuracy
+        for logger in trainer.loggers:
+            logger.log_metrics(summary, step=trainer.global_step)
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="lesion/plot", images=[str(directory / "lesion.png")])
+                logger.log_table(
+                    key="lesion/table",
+                    columns=COLUMNS,
+                    data=[list(astuple(r)) for r in self.results],
+                )
+        lines = [f"Lesion study on the {self.split} split: baseline accuracy {base_acc:.4f}"]
+        if singles:
+            lines.append(
+                f"  single blocks lesioned: mean accuracy {summary['lesion/single_mean_acc']:.4f}, "
+                f"worst {worst.accuracy:.4f} ({worst.block_name})"
+            )
+        if self.skipped:
+            lines.append(
+                f"  not lesioned (they change the shape and have no shortcut): "
+                f"{', '.join(self.skipped)}"
+            )
+        lines.append(f"  results: {directory / 'lesion.csv'}, {directory / 'lesion.png'}")
+        rank_zero_info("\n".join(lines))
+
+    def _plot(self, path: Path) -> None:
+        from matplotlib.figure import Figure
+
+        singles = [r for r in self.results if r.lesion == "single"]
+        swaps = [r for r in self.results if r.lesion == "swap"]
+        deletions = [r for r in self.results if r.lesion == "delete"]
+        base_loss, base_acc = self.baseline
+        panels = 3 if deletions else 2
+        figure = Figure(figsize=(4.2 * panels, 3.6), layout="constrained")
+        axes = figure.subplots(1, panels)
+        for ax, metric, baseline, label in (
+            (axes[0], "accuracy", base_acc, "accuracy"),
+            (axes[1], "loss", base_loss, "cross-entropy"),
+        ):
+            x = [int(r.block_index) for r in singles]
+            ax.plot(x, [getattr(r, metric) for r in singles], "o-", ms=4, label="block lesioned")
+            if swaps:
+                sx = [int(r.block_index.split(";")[0]) + 0.5 for r in swaps]
+                ax.plot(sx, [getattr(r, metric) for r in swaps], "x", label="pair swapped")
+            ax.axhline(baseline, ls="--", color="k", lw=1, label="intact")
+            ax.set_xlabel("block index")
+            ax.set_ylabel(f"{self.split} {label}")
+            ax.legend(fontsize="small")
+        axes[0].set_ylim(0, 1.02)
+        axes[0].set_title("single-block lesions")
+        if deletions:
+            ks = sorted({r.k for r in deletions})
+            acc = torch.tensor([[r.accuracy for r in deletions if r.k == k] for k in ks])
+            mean, std = acc.mean(1), acc.std(1) if acc.shape[1] > 1 else torch.zeros(len(ks))
+            ax = axes[2]
+            ax.errorbar(ks, mean, yerr=std, fmt="o-", ms=4, capsize=2, label="mean over draws")
+            ax.axhline(base_acc, ls="--", color="k", lw=1, label="intact")
+            ax.set_ylim(0, 1.02)
+            ax.set_xlabel("blocks deleted at random (k)")
+            ax.set_ylabel(f"{self.split} accuracy")
+            ax.set_title("k random deletions")
+            ax.legend(fontsize="small")
+        figure.savefig(path, dpi=120)
+
+
+@contextmanager
+def _lesioned(blocks: list[SkipBlock]) -> Iterator[None]:
+    for block in blocks:
+        block.lesioned = True
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block.lesioned = False
+
+
+@contextmanager
+def _swapped(model: nn.Module, first: str, second: str) -> Iterator[None]:
+    container = model.get_submodule(first.rpartition(".")[0])
+    a, b = first.rpartition(".")[2], second.rpartition(".")[2]
+    modules: dict[str, Any] = container._modules
+    modules[a], modules[b] = modules[b], modules[a]
+    try:
+        yield
+    finally:
+        modules[a], modules[b] = modules[b], modules[a]
