@@ -38,12 +38,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             return commands[args[0]](args[1:])
         return _lightning(args if explicit else None)
     except Exception as err:
-        from skipnets.errors import SkipnetsError
-
-        if os.environ.get(DEBUG_ENV) or not isinstance(err, SkipnetsError):
+        cause = _user_error(err)
+        if os.environ.get(DEBUG_ENV) or cause is None:
             raise
-        print(f"skipnets: error: {err}", file=sys.stderr)
+        print(f"skipnets: error: {cause}", file=sys.stderr)
         return USER_ERROR
+
+
+def _user_error(err: BaseException) -> BaseException | None:
+    """The SkipnetsError behind ``err``, if any: jsonargparse wraps errors raised while it
+    instantiates the model and data, so the chain of causes is searched."""
+    from jsonargparse import ArgumentError
+
+    from skipnets.errors import SkipnetsError
+
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, (SkipnetsError, ArgumentError)):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _models_command(args: list[str]) -> int:

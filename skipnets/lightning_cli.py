@@ -11,13 +11,22 @@ from typing import Any
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from skipnets.data import DataModule
 from skipnets.module import Classifier
 from skipnets.plugins import check_config_names, discover_plugins
-from skipnets.runs import run_dir, wandb_has_credentials
+from skipnets.runs import run_dir, wandb_has_credentials, wandb_run_info, write_run_record
+from skipnets.safety import (
+    DEFAULT_LAST_EVERY_N_STEPS,
+    LastCheckpoint,
+    NonFiniteLossStop,
+    RunState,
+    check_checkpoint,
+    find_last_checkpoint,
+    install_atomic_checkpoints,
+    read_checkpoint,
+)
 
 WANDB_LOGGER = "lightning.pytorch.loggers.WandbLogger"
 
@@ -36,12 +45,10 @@ class SaveRunConfig(SaveConfigCallback):
         path = run_dir(trainer) / self.config_filename
         path.parent.mkdir(parents=True, exist_ok=True)
         self.parser.save(self.config, str(path), skip_none=False, overwrite=True, multifile=False)
+        record = write_run_record(trainer, pl_module)
         if trainer.logger is not None:
             info = {"config": self.parser.dump(self.config, skip_none=False, format="json")}
-            arch = getattr(getattr(pl_module, "hparams", {}), "get", lambda k: None)("arch")
-            if arch:
-                info["arch"] = arch
-                info["parameters"] = sum(p.numel() for p in pl_module.parameters())
+            info.update({k: v for k, v in record.items() if k != "wandb"})
             trainer.logger.log_hyperparams(info)
 
 
@@ -58,6 +65,12 @@ class SkipnetsCLI(LightningCLI):
             subclass_mode_data=True,
             save_config_callback=SaveRunConfig,
             auto_configure_optimizers=False,
+            # Parse errors are raised, not printed with a page of usage: skipnets.cli prints one
+            # message and exits with status 2.
+            parser_kwargs={
+                "exit_on_error": False,
+                **{name: {"exit_on_error": False} for name in self.subcommands()},
+            },
             args=args,
             **kwargs,
         )
@@ -81,6 +94,7 @@ class SkipnetsCLI(LightningCLI):
             default=True,
             help="after `fit`, evaluate the best checkpoint on the test split",
         )
+        _add_safety_arguments(parser)
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(str(self.subcommand), self.config)
@@ -99,6 +113,24 @@ class SkipnetsCLI(LightningCLI):
                 and not wandb_has_credentials()
             ):
                 init.offline = True
+        _prepare_resume(config, self.subcommand)
+        _fill_cluster_devices(trainer)
+        self.trainer_defaults["callbacks"] = _core_callbacks(config)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        install_atomic_checkpoints(trainer)
+        return trainer
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand in ("fit", "validate", "test", "predict"):
+            _check_checkpoint_fits(self.config[subcommand], self.model)
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            _finish_wandb(exit_code=1)
+            raise
+        _finish_wandb(exit_code=0)
 
     def after_fit(self) -> None:
         config = self.config.get(str(self.subcommand), self.config)
@@ -120,8 +152,104 @@ def _as_dict(config: Any) -> dict[str, Any] | None:
 def _trainer_defaults() -> dict[str, Any]:
     return {
         "logger": {"class_path": WANDB_LOGGER, "init_args": {"project": "skipnets"}},
-        "callbacks": [ModelCheckpoint(monitor="val/acc", mode="max", save_last=True)],
+        "callbacks": [],  # filled by _core_callbacks once the config is parsed
     }
+
+
+def _add_safety_arguments(parser: LightningArgumentParser) -> None:
+    parser.add_argument(
+        "--last_checkpoint_every_n_steps",
+        type=int,
+        default=DEFAULT_LAST_EVERY_N_STEPS,
+        help="write last.ckpt every N optimizer steps and at each epoch end (0: epoch ends "
+        "only); a killed run loses at most N steps",
+    )
+    parser.add_argument(
+        "--stop_on_nonfinite_loss",
+        type=bool,
+        default=True,
+        help="stop at the first nan/inf loss, before it reaches the weights, and say what to change",
+    )
+
+
+def _core_callbacks(config: Any) -> list[Any]:
+    """The callbacks every run gets, on top of the config's own: the best checkpoint by
+    validation accuracy, a fresh last.ckpt, the resume state, the non-finite loss stop."""
+    callbacks: list[Any] = [RunState()]
+    if config.trainer.get("enable_checkpointing") is not False:
+        every = config.get("last_checkpoint_every_n_steps", DEFAULT_LAST_EVERY_N_STEPS)
+        callbacks[:0] = [ModelCheckpoint(monitor="val/acc", mode="max"), LastCheckpoint(every)]
+    if config.get("stop_on_nonfinite_loss", True):
+        callbacks.append(NonFiniteLossStop())
+    return callbacks
+
+
+def _prepare_resume(config: Any, subcommand: str | None) -> None:
+    """Turn ``--ckpt_path last`` into this run tree's newest last/hpc checkpoint, refuse an
+    unusable checkpoint before anything starts, and point W&B at the run being resumed."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if subcommand not in ("fit", "validate", "test", "predict"):
+        return
+    trainer = config.trainer
+    root = Path(trainer.get("default_root_dir") or os.getcwd())
+    ckpt_path = config.get("ckpt_path")
+    weights_only = config.get("weights_only")
+    if ckpt_path == "last":
+        found = find_last_checkpoint(root)
+        if found is not None:
+            config.ckpt_path = ckpt_path = str(found)
+    elif ckpt_path is None and subcommand == "fit" and SLURMEnvironment.detect():
+        # A requeued SLURM job: Lightning resumes from the newest hpc_ckpt_N.ckpt by itself.
+        found = max(root.glob("hpc_ckpt_*.ckpt"), key=lambda p: p.stat().st_mtime, default=None)
+        ckpt_path = str(found) if found is not None else None
+    if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry") or "://" in ckpt_path:
+        return
+    checkpoint = read_checkpoint(ckpt_path, weights_only=weights_only is not False)
+    if subcommand != "fit":
+        return
+    state = (checkpoint.get("callbacks") or {}).get("RunState") or {}
+    identity = state.get("wandb") if isinstance(state, dict) else None
+    loggers = trainer.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        if identity and getattr(logger, "class_path", None) == WANDB_LOGGER:
+            init = logger.init_args
+            if not init.get("id") and identity.get("project") == init.get("project"):
+                init.id = identity["id"]
+                init.resume = "allow"
+
+
+def _check_checkpoint_fits(config: Any, model: Any) -> None:
+    ckpt_path = config.get("ckpt_path")
+    if ckpt_path and Path(ckpt_path).is_file():
+        check_checkpoint(ckpt_path, model, weights_only=config.get("weights_only") is not False)
+
+
+def _fill_cluster_devices(trainer: Any) -> None:
+    """Under ``torchrun`` or ``srun``, ``devices: auto`` means one device per launched process
+    on each node (Lightning's own auto would count the node's accelerators, or one CPU)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if trainer.get("devices") not in ("auto", None):
+        return
+    if TorchElasticEnvironment.detect():
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        nodes = max(int(os.environ.get("WORLD_SIZE", "1")) // per_node, 1)
+    elif SLURMEnvironment.detect() and os.environ.get("SLURM_NTASKS_PER_NODE"):
+        per_node = int(os.environ["SLURM_NTASKS_PER_NODE"].split("(")[0])
+        nodes = int(os.environ.get("SLURM_NNODES", "1"))
+    else:
+        return
+    trainer.devices = per_node
+    if trainer.get("num_nodes") in (None, 1):
+        trainer.num_nodes = nodes
+
+
+def _finish_wandb(exit_code: int) -> None:
+    """End this process's W&B run, so that the next run in the same process gets its own."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=exit_code)
 
 
 def _has_test_split(datamodule: Any) -> bool:
@@ -138,23 +266,15 @@ def _report(trainer: Trainer) -> None:
         lines.append(f"  checkpoints: {checkpoint.dirpath}")
         if checkpoint.best_model_path:
             lines.append(f"    best: {Path(checkpoint.best_model_path).name}")
-        if checkpoint.last_model_path:
-            lines.append(
-                f"    last: {Path(checkpoint.last_model_path).name} (resume with --ckpt_path last)"
-            )
+        last = [c.last_model_path for c in trainer.checkpoint_callbacks if c.last_model_path]
+        if last:
+            lines.append(f"    last: {Path(last[0]).name} (resume with --ckpt_path last)")
     if (directory / "config.yaml").exists():
         lines.append(f"  config: {directory / 'config.yaml'}")
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            experiment = logger.experiment
-            offline = (
-                getattr(experiment.settings, "_offline", False)
-                or os.environ.get("WANDB_MODE") == "offline"
-            )
-            wandb_dir = Path(experiment.dir).parent
-            if offline:
-                lines.append(f"  W&B (offline): {wandb_dir}")
-                lines.append(f"    upload it with: wandb sync {wandb_dir}")
-            else:
-                lines.append(f"  W&B: {experiment.url}")
+    wandb_info = wandb_run_info(trainer)
+    if wandb_info and wandb_info.get("sync"):
+        lines.append(f"  W&B (offline): {wandb_info['folders'][-1]}")
+        lines.append(f"    upload it with: {wandb_info['sync']}")
+    elif wandb_info and wandb_info.get("url"):
+        lines.append(f"  W&B: {wandb_info['url']}")
     print("\n".join(lines))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch  # noqa: F401 - its log handler must bind to the session's stderr, not a test's
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +22,9 @@ def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("SKIPNETS_DEBUG", raising=False)
 
 
-def run_skipnets(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 300):
+def run_skipnets(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 300
+):
     """Run ``python -m skipnets ARGS`` and return the completed process (text output)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(

@@ -1,0 +1,91 @@
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from skipnets import Classifier
+from skipnets.data import Digits
+from skipnets.errors import ConfigError
+from skipnets.module import param_groups
+
+
+def _trainer(**kwargs):
+    return L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+def test_mlp_learns_digits_and_reports_metrics():
+    L.seed_everything(0)
+    data = Digits(image_size=None, batch_size=64)
+    model = Classifier(
+        arch="highway_mlp",
+        arch_kwargs={"depth": 6, "width": 64},
+        num_classes=10,
+        input_shape=data.input_shape,
+        optimizer={"class_path": "torch.optim.Adam", "init_args": {"lr": 3e-3}},
+        lr_scheduler={
+            "class_path": "torch.optim.lr_scheduler.ReduceLROnPlateau",
+            "init_args": {"patience": 2},
+        },
+    )
+    trainer = _trainer(max_epochs=6)
+    trainer.fit(model, datamodule=data)
+    assert {"val/loss", "val/acc", "train/acc", "train/loss"} <= set(trainer.callback_metrics)
+    (results,) = trainer.test(model, datamodule=data, verbose=False)
+    assert results["test/acc"] > 0.9
+    assert results["test/acc_top5"] >= results["test/acc"]
+    assert model.model.blocks[0].gate.in_features == 64  # in_features came from the data
+
+
+def test_weight_decay_exclusion_groups():
+    model = Classifier(arch="resnet20", num_classes=10, input_shape=(3, 32, 32))
+    assert len(param_groups(model.model, True)) == 1
+    decay, no_decay = param_groups(model.model, False)
+    bn_and_bias = [
+        p for m in model.model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()
+    ]
+    bn_and_bias.append(model.model.fc.bias)
+    assert {id(p) for p in no_decay["params"]} == {id(p) for p in bn_and_bias}
+    assert no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.model.parameters()))
+    model = Classifier(
+        arch="resnet20",
+        num_classes=10,
+        input_shape=(3, 32, 32),
+        weight_decay_norm_and_bias=False,
+        optimizer={"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1, "weight_decay": 1e-4}},
+        lr_scheduler={
+            "class_path": "torch.optim.lr_scheduler.MultiStepLR",
+            "init_args": {"milestones": [2]},
+        },
+    )
+    config = model.configure_optimizers()
+    groups = config["optimizer"].param_groups
+    assert [g["weight_decay"] for g in groups] == [1e-4, 0.0]
+    assert config["lr_scheduler"]["interval"] == "epoch"
+
+
+def test_label_smoothing_changes_the_loss():
+    torch.manual_seed(0)
+    plain = Classifier(arch="plain_mlp", num_classes=10, input_shape=(64,))
+    smooth = Classifier(arch="plain_mlp", num_classes=10, input_shape=(64,), label_smoothing=0.2)
+    smooth.load_state_dict(plain.state_dict())
+    batch = (torch.randn(8, 64), torch.arange(8))
+    assert not torch.isclose(plain.training_step(batch, 0), smooth.training_step(batch, 0))
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        Classifier(arch="plain_mlp", label_smoothing=1.5)
+
+
+def test_model_and_data_mismatches_are_config_errors():
+    with pytest.raises(ConfigError, match="takes images"):
+        Classifier(arch="resnet20", num_classes=10, input_shape=(64,))
+    with pytest.raises(ConfigError, match="10 classes"):
+        Classifier(
+            arch="resnet20", arch_kwargs={"num_classes": 3}, num_classes=10, input_shape=(1, 8, 8)
+        )

@@ -1,0 +1,116 @@
+"""The command line as a user meets it: the quickstart end to end, and every kind of bad input."""
+
+from pathlib import Path
+
+import pytest
+
+from skipnets.cli import main
+
+QUICKSTART = "configs/quickstart.yaml"
+
+
+def test_fit_quickstart_end_to_end(skipnets_cli, tmp_path):
+    root = tmp_path / "run"
+    result = skipnets_cli(
+        "fit",
+        "--config",
+        QUICKSTART,
+        f"--trainer.default_root_dir={root}",
+        "--trainer.max_epochs=2",
+        "--trainer.limit_train_batches=6",
+        "--data.init_args.image_size=8",
+        "--model.arch=resnet20",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "test/acc" in out and "Run directory:" in out and "wandb sync" in out
+    (run,) = (root / "skipnets").iterdir()
+    assert {p.name for p in (run / "checkpoints").iterdir()} >= {"last.ckpt"}
+    assert len(list((run / "checkpoints").glob("epoch=*.ckpt"))) == 1  # the best one
+    config = (run / "config.yaml").read_text()
+    assert "arch: resnet20" in config and "image_size: 8" in config
+    offline = list((root / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
+    assert f"wandb sync {offline[0]}" in out
+
+
+def test_version_and_models_table(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("skipnets ")
+    assert main(["models", "resnet1*"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["name", "family", "params", "skip"]
+    names = [line.split()[0] for line in lines[1:]]
+    assert names.index("resnet110") < names.index("resnet1202")
+    row = next(line for line in lines if line.startswith("resnet110 "))
+    assert "1.73M" in row and "yes" in row and "He et al. 2016" in row
+    assert main(["models", "nothing_like_this*"]) == 1
+
+
+def _bad(tmp_path: Path, *args: str) -> tuple[int, str]:
+    root = tmp_path / "run"
+    code = main(["fit", *args, f"--trainer.default_root_dir={root}"])
+    return code, str(root)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--config", "no/such/config.yaml"], "does not exist"),
+        (["--config", "{bad_yaml}"], "Problems parsing config"),
+        (["--config", QUICKSTART, "--config", "{unknown_key}"], "'archh' is not accepted"),
+        (
+            ["--config", QUICKSTART, "--model.arch=resnet21"],
+            "unknown model 'resnet21': did you mean",
+        ),
+        (
+            [
+                "--config",
+                QUICKSTART,
+                "--model.arch=plain_mlp",
+                "--model.arch_kwargs={depth: -3}",
+                "--data.init_args.image_size=null",
+            ],
+            "depth must be at least 2",
+        ),
+        (
+            ["--config", QUICKSTART, "--model.arch=plain_mlp", "--model.arch_kwargs={widht: 3}"],
+            "does not take 'widht'",
+        ),
+        (["--config", QUICKSTART, "--data.init_args.batch_size=-1"], "batch_size must be positive"),
+        (["--config", QUICKSTART, "--trainer.max_epochs=many"], "trainer.max_epochs"),
+    ],
+)
+def test_bad_input_is_one_message_and_status_2(tmp_path, capsys, args, message):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model: [unclosed\n")
+    unknown_key = tmp_path / "unknown.yaml"
+    unknown_key.write_text("model:\n  archh: resnet20\n")
+    args = [
+        a.replace("{bad_yaml}", str(bad_yaml)).replace("{unknown_key}", str(unknown_key))
+        for a in args
+    ]
+    # An earlier run's files in the same place must survive.
+    earlier = tmp_path / "run" / "skipnets" / "earlier" / "checkpoints" / "last.ckpt"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"checkpoint bytes")
+    code, root = _bad(tmp_path, *args)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err and "usage:" not in err
+    assert earlier.read_bytes() == b"checkpoint bytes"
+    assert sorted(p.name for p in Path(root).rglob("*")) == [
+        "checkpoints",
+        "earlier",
+        "last.ckpt",
+        "skipnets",
+    ]
+
+
+def test_debug_variable_shows_the_traceback(skipnets_cli):
+    result = skipnets_cli(
+        "fit", "--config", QUICKSTART, "--model.arch=resnet21", env={"SKIPNETS_DEBUG": "1"}
+    )
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "UnknownModelError" in result.stderr
