@@ -113,9 +113,16 @@ class SkipnetsCLI(LightningCLI):
                 and not wandb_has_credentials()
             ):
                 init.offline = True
-        _prepare_resume(config, self.subcommand)
         _fill_cluster_devices(trainer)
         self.trainer_defaults["callbacks"] = _core_callbacks(config)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would fold the checkpoint's hyperparameters into the model config (and
+        # fail with a raw torch error on a bad file). skipnets builds the model the config
+        # describes and refuses, with one line, a checkpoint that is unreadable or does not fit.
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            _prepare_resume(self.config[subcommand], subcommand)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)

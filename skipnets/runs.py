@@ -1,9 +1,19 @@
-"""Where a run's files go. Everything a run writes lands under ``trainer.default_root_dir``."""
+"""Where a run's files go. Everything a run writes lands under ``trainer.default_root_dir``.
+
+Plugins hand their outputs to the run's tracker with :func:`log_figure` (a PNG becomes a W&B
+image) and :func:`log_table` (rows or a CSV become a W&B table); with other loggers, or none,
+the files in the run directory are the record.
+"""
 
 from __future__ import annotations
 
+import csv
+import json
 import os
+import subprocess
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 
@@ -36,3 +46,149 @@ def wandb_has_credentials() -> bool:
         return netrc.netrc().authenticators(host) is not None
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
+
+
+def _wandb_loggers(trainer: L.Trainer) -> list[Any]:
+    from lightning.pytorch.loggers import WandbLogger
+
+    return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+
+
+def log_figure(trainer: L.Trainer, key: str, path: str | os.PathLike) -> None:
+    """Log the image file at ``path`` (PNG, JPEG) as the W&B image ``key``, at the current
+    step. Does nothing without a W&B logger or off rank zero; the file itself stays where it is.
+    """
+    for logger in _wandb_loggers(trainer):
+        logger.log_image(key=key, images=[str(path)])
+
+
+def log_table(
+    trainer: L.Trainer,
+    key: str,
+    data: Any,
+    columns: Sequence[str] | None = None,
+) -> None:
+    """Log a table as the W&B table ``key``. ``data`` is a pandas ``DataFrame``, the path of a CSV
+    file (header row first), a sequence of dicts (columns: their keys, in first-seen order), or
+    a sequence of rows together with ``columns``. Does nothing without a W&B logger or off rank
+    zero."""
+    loggers = _wandb_loggers(trainer)
+    if not loggers:
+        return
+    if hasattr(data, "columns") and hasattr(data, "itertuples"):
+        for logger in loggers:
+            logger.log_table(key=key, dataframe=data)
+        return
+    if isinstance(data, (str, os.PathLike)):
+        with open(data, newline="") as file:
+            reader = csv.reader(file)
+            columns = next(reader, [])
+            rows = [[_number(cell) for cell in row] for row in reader]
+    else:
+        data = list(data)
+        if data and isinstance(data[0], Mapping):
+            names: dict[str, None] = {}
+            for row in data:
+                names.update(dict.fromkeys(row))
+            columns = list(names)
+            rows = [[row.get(name) for name in columns] for row in data]
+        else:
+            if columns is None:
+                raise ValueError("log_table needs columns= when the rows are not dicts")
+            rows = [list(row) for row in data]
+    for logger in loggers:
+        logger.log_table(key=key, columns=list(columns), data=rows)
+
+
+def _number(cell: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(cell)
+        except ValueError:
+            pass
+    return cell
+
+
+def git_commit(path: str | os.PathLike | None = None) -> tuple[str | None, bool | None]:
+    """``(commit, dirty)`` of the git checkout that holds ``path`` (default: the skipnets
+    package), or ``(None, None)`` when it is not a tracked file of a git checkout."""
+    where = Path(path) if path is not None else Path(__file__).resolve().parent
+    directory = where if where.is_dir() else where.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(directory), *args],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    # An installed copy inside some other repository (a virtualenv in a project) is not "the
+    # code at that commit": the file itself must be tracked.
+    probe = where if where.is_file() else where / "__init__.py"
+    if git("ls-files", "--error-unmatch", str(probe)) is None:
+        return None, None
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return None, None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return commit, bool(status) if status is not None else None
+
+
+def run_metadata(pl_module: L.LightningModule) -> dict[str, Any]:
+    """What identifies a run's model and code: registry name, parameter count, skipnets version,
+    git commit (and whether the checkout had uncommitted changes)."""
+    from skipnets import __version__
+
+    info: dict[str, Any] = {"skipnets_version": __version__}
+    hparams = getattr(pl_module, "hparams", {})
+    arch = hparams.get("arch") if hasattr(hparams, "get") else None
+    if arch:
+        info["arch"] = arch
+    info["parameters"] = sum(p.numel() for p in pl_module.parameters())
+    commit, dirty = git_commit()
+    if commit:
+        info["git_commit"] = commit
+        info["git_dirty"] = dirty
+    return info
+
+
+def wandb_run_info(trainer: L.Trainer) -> dict[str, Any] | None:
+    """Where this run's W&B data is: id, project, mode, URL or local folders and the command
+    that uploads them (every folder of a resumed offline run, oldest first). Rank zero only."""
+    for logger in _wandb_loggers(trainer):
+        experiment = logger.experiment
+        settings = experiment.settings
+        mode = getattr(settings, "mode", None) or (
+            "offline" if getattr(settings, "_offline", False) else "online"
+        )
+        info: dict[str, Any] = {"id": experiment.id, "project": experiment.project, "mode": mode}
+        if mode == "disabled":
+            return info
+        this = Path(experiment.dir).parent
+        if mode == "offline":
+            folders = sorted(this.parent.glob(f"offline-run-*-{experiment.id}")) or [this]
+            info["folders"] = [str(folder) for folder in folders]
+            info["sync"] = "wandb sync " + " ".join(info["folders"])
+        else:
+            info["folders"] = [str(this)]
+            info["url"] = experiment.url
+        return info
+    return None
+
+
+def write_run_record(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+    """Write ``<run dir>/run.json``: :func:`run_metadata` and :func:`wandb_run_info`. Rank zero
+    only."""
+    record = run_metadata(pl_module)
+    wandb_info = wandb_run_info(trainer)
+    if wandb_info is not None:
+        record["wandb"] = wandb_info
+    path = run_dir(trainer) / "run.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return record

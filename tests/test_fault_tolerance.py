@@ -1,0 +1,243 @@
+"""Runs survive faults: SIGKILL and resume, a kill while saving, a diverging loss, bad checkpoints."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, run_skipnets
+
+from skipnets.cli import main
+from skipnets.data import TwoSpirals
+from skipnets.data.base import ResumableLoader
+
+if str(ROOT) not in sys.path:  # the runs name probe callbacks as tests.run_probes.*
+    sys.path.insert(0, str(ROOT))
+
+# 194 training points in batches of 40: 5 steps per epoch, 20 in all. Noise drawn from the
+# global RNG on every batch and a cosine schedule make any slip in resuming show in the weights.
+EVERY = 3
+RUN = [
+    "fit",
+    "--seed_everything=0",
+    "--model.arch=plain_mlp",
+    "--model.arch_kwargs.depth=4",
+    "--model.arch_kwargs.width=16",
+    "--data.class_path=TwoSpirals",
+    "--data.init_args.batch_size=40",
+    "--lr_scheduler.class_path=torch.optim.lr_scheduler.CosineAnnealingLR",
+    "--lr_scheduler.init_args.T_max=4",
+    "--trainer.max_epochs=4",
+    "--trainer.logger=false",
+    "--trainer.accelerator=cpu",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.num_sanity_val_steps=0",
+    "--trainer.callbacks+=tests.run_probes.NoisyInputs",
+    "--test_after_fit=false",
+    f"--last_checkpoint_every_n_steps={EVERY}",
+]
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def _step(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
+
+
+def _fit(root: Path, *extra: str):
+    return run_skipnets(*RUN, f"--trainer.default_root_dir={root}", *extra)
+
+
+def test_killed_runs_resume_to_the_same_weights(tmp_path: Path) -> None:
+    reference = _fit(tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    expected = _weights(tmp_path / "reference" / "checkpoints" / "last.ckpt")
+
+    root = tmp_path / "killed"
+    last = root / "checkpoints" / "last.ckpt"
+    # Killed after step 8: last.ckpt is from step 6, in the middle of epoch 1.
+    first = _fit(root, "--trainer.callbacks+=tests.run_probes.KillAt", "--trainer.callbacks.step=8")
+    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+    assert 8 - _step(last) <= EVERY
+    assert _step(last) == 6
+    # Resumed mid-epoch, killed after step 11: last.ckpt is from step 10, the end of epoch 1.
+    second = _fit(
+        root,
+        "--ckpt_path=last",
+        "--trainer.callbacks+=tests.run_probes.KillAt",
+        "--trainer.callbacks.step=11",
+    )
+    assert second.returncode == -signal.SIGKILL, second.stderr[-3000:]
+    assert _step(last) == 10
+    # Resumed at an epoch boundary, runs to the end.
+    third = _fit(root, "--ckpt_path=last")
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert _step(last) == 20
+
+    resumed = _weights(last)
+    assert resumed.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(resumed[name], tensor), name
+
+
+def test_kill_while_saving_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
+    marker = tmp_path / "saving"
+    command = [
+        sys.executable,
+        "-m",
+        "skipnets",
+        *RUN,
+        f"--trainer.default_root_dir={tmp_path}",
+        "--last_checkpoint_every_n_steps=1",
+        "--trainer.callbacks+=tests.run_probes.StallOnSave",
+        "--trainer.callbacks.save=3",
+        f"--trainer.callbacks.marker={marker}",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), process.stderr.read()[-3000:] if process.poll() else "no save"
+        checkpoints = tmp_path / "checkpoints"
+        # The third save is under way: its bytes go to a side file, the old one is untouched.
+        assert (checkpoints / "last.ckpt.partial").exists()
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.stderr.close()
+    assert _step(checkpoints / "last.ckpt") == 2
+
+    # The run resumes from it.
+    resumed = _fit(tmp_path, "--ckpt_path=last", "--trainer.max_epochs=1")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Restored all states" in resumed.stdout + resumed.stderr
+    assert _step(checkpoints / "last.ckpt") == 5
+
+
+def test_nonfinite_loss_stops_the_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    status = main(
+        [
+            *RUN,
+            f"--trainer.default_root_dir={tmp_path}",
+            "--last_checkpoint_every_n_steps=1",
+            "--optimizer.class_path=torch.optim.SGD",
+            "--optimizer.init_args.lr=1e12",
+        ]
+    )
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert status == 2
+    assert message.startswith("skipnets: error: training diverged: the loss became")
+    assert "at step " in message and "learning rate" in message and "depth" in message
+    step = int(message.split("at step ")[1].split()[0])
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert str(last) in message
+    # The last checkpoint holds the last good step, with finite weights.
+    assert _step(last) == step
+    assert all(torch.isfinite(t).all() for t in _weights(last).values())
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("good")
+    assert main([*RUN, f"--trainer.default_root_dir={root}", "--trainer.max_epochs=1"]) == 0
+    return root / "checkpoints" / "last.ckpt"
+
+
+def _bad(kind: str, good: Path, folder: Path) -> Path:
+    path = folder / f"{kind}.ckpt"
+    if kind == "truncated":
+        data = good.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "garbage":
+        path.write_bytes(os.urandom(4096))
+    elif kind == "not-lightning":
+        torch.save({"weights": torch.zeros(3)}, path)
+    elif kind == "pickle":
+        checkpoint = torch.load(good, weights_only=True)
+        checkpoint["extra"] = Path("objects beyond tensors")
+        torch.save(checkpoint, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("truncated", "not a readable checkpoint"),
+        ("garbage", "not a readable checkpoint"),
+        ("not-lightning", "not a Lightning checkpoint"),
+        ("pickle", "--weights_only false"),
+        ("missing", "no checkpoint at"),
+    ],
+)
+def test_unusable_checkpoints_are_refused(
+    kind: str, expected: str, good_checkpoint: Path, tmp_path: Path, capsys
+) -> None:
+    path = _bad(kind, good_checkpoint, tmp_path)
+    status = main([*RUN, f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert err[-1].startswith("skipnets: error: ") and expected in err[-1]
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_every_subcommand_checks_its_checkpoint(
+    subcommand: str, good_checkpoint: Path, tmp_path: Path, capsys
+) -> None:
+    options = RUN[1:]
+    truncated = _bad("truncated", good_checkpoint, tmp_path)
+    assert main([subcommand, *options, f"--ckpt_path={truncated}"]) == 2
+    assert "not a readable checkpoint" in capsys.readouterr().err
+    # Another architecture: a different depth.
+    other = [a.replace("depth=4", "depth=6") for a in options]
+    assert main([subcommand, *other, f"--ckpt_path={good_checkpoint}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "holds a plain_mlp {'depth': 4, 'width': 16} model" in err
+    assert "'depth': 6" in err
+
+
+def test_an_unsafe_checkpoint_loads_when_trusted(good_checkpoint: Path, tmp_path: Path) -> None:
+    trusted = _bad("pickle", good_checkpoint, tmp_path)
+    options = RUN[1:]
+    assert main(["validate", *options, f"--ckpt_path={trusted}", "--weights_only=false"]) == 0
+
+
+def test_loader_resumes_mid_epoch_without_loading_skipped_batches() -> None:
+    data = TwoSpirals(batch_size=40)
+    data.setup()
+    loader = data.train_dataloader()
+    assert isinstance(loader, ResumableLoader)
+    loader.sampler.set_epoch(3)
+    full = [x for x, _ in loader]
+    iterator = iter(loader)
+    next(iterator), next(iterator)
+    state = loader.state_dict()
+    assert state == {"epoch": 3, "batches": 2}
+
+    fresh = TwoSpirals(batch_size=40)
+    fresh.setup()
+    resumed = fresh.train_dataloader()
+    resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(3)
+    rest = [x for x, _ in resumed]
+    assert len(rest) == len(full) - 2
+    assert all(torch.equal(a, b) for a, b in zip(rest, full[2:]))
+    # Only the interrupted epoch is shortened; a new epoch has a new order.
+    resumed.sampler.set_epoch(4)
+    next_epoch = [x for x, _ in resumed]
+    assert len(next_epoch) == len(full)
+    assert not torch.equal(torch.cat(next_epoch), torch.cat(full))
