@@ -67,12 +67,22 @@ def _models_command(args: list[str]) -> int:
         prog="skipnets models", description="List the registered architectures."
     )
     parser.add_argument("pattern", nargs="?", default="*", help="shell wildcard, e.g. 'resnet*'")
+    parser.add_argument(
+        "--details",
+        metavar="NAME",
+        help="print one model's facts: parameters, FLOPs, receptive field, skip blocks, paper",
+    )
     options = parser.parse_args(args)
 
     import torch
 
     from skipnets.registry import create_model, list_models, model_info
 
+    if options.details:
+        from skipnets.info import describe
+
+        print(describe(options.details))
+        return 0
     names = list_models(options.pattern)
     if not names:
         print(f"no registered model matches {options.pattern!r}", file=sys.stderr)
