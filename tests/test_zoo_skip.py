@@ -429,3 +429,22 @@ def test_cascade_mlp_learns_two_spirals():
 def test_bad_arguments_are_config_errors(name, kwargs, message):
     with pytest.raises(ConfigError, match=message):
         create_model(name, **kwargs)
+
+
+def test_densenet_keeps_no_more_for_backward_than_torchvision():
+    """Each dense layer concatenates once, as torchvision's does: no extra copies kept."""
+
+    def saved_bytes(model: nn.Module) -> int:
+        storages: dict[int, int] = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(torch.randn(2, 3, 32, 32))
+        return sum(storages.values())
+
+    ours = saved_bytes(create_model("densenet121", num_classes=10))
+    assert ours <= saved_bytes(torchvision.models.densenet121(num_classes=10))
