@@ -27,6 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "models": _models_command,
         "plugins": _plugins_command,
         "lesion": _lesion_command,
+        "deconvnet": _deconvnet_command,
     }
     try:
         if args and args[0] in ("--version", "-V"):
@@ -170,6 +171,41 @@ def _lesion_command(args: list[str]) -> int:
                 self.trainer.callbacks.append(lesion())
 
     LesionCLI(args=["validate", *args])
+    return 0
+
+
+DECONVNET_USAGE = """usage: skipnets deconvnet --config CONFIG --ckpt_path CHECKPOINT [--key=value ...]
+
+DeconvNet figures of a trained checkpoint: the top-9 activations of chosen layers projected back
+to pixel space (Zeiler & Fergus's deconvnet and guided backpropagation) next to their input
+patches, the first layer's filters, and feature refinement across a residual stage. It runs
+`skipnets validate` with the DeconvNet plugin added; its settings come from the config's
+trainer.callbacks when a DeconvNet is listed there. Figures go to
+<run dir>/deconvnet/<checkpoint name>/.
+"""
+
+
+def _deconvnet_command(args: list[str]) -> int:
+    if not args or args[0] in ("-h", "--help"):
+        print(DECONVNET_USAGE, end="", file=sys.stdout if args else sys.stderr)
+        return 0 if args else USER_ERROR
+
+    from skipnets.errors import ConfigError
+    from skipnets.lightning_cli import SkipnetsCLI
+    from skipnets.plugins import load_plugin
+
+    deconvnet = load_plugin("DeconvNet")
+
+    class DeconvNetCLI(SkipnetsCLI):
+        def before_validate(self) -> None:
+            ckpt_path = self.config.validate.get("ckpt_path")
+            if not ckpt_path:
+                raise ConfigError("skipnets deconvnet needs --ckpt_path: a checkpoint of the model")
+            check_checkpoint(ckpt_path, self.model)
+            if not any(isinstance(callback, deconvnet) for callback in self.trainer.callbacks):
+                self.trainer.callbacks.append(deconvnet())
+
+    DeconvNetCLI(args=["validate", *args])
     return 0
 
 

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from skipnets.errors import ConfigError
 from skipnets.models.resnet import CifarResNet
+from skipnets.module import Classifier
 
 
 def small_net() -> nn.Sequential:
@@ -218,3 +219,36 @@ def test_named_layers_channels_and_errors(tmp_path):
     vector_net = nn.Sequential(nn.Linear(12, 4))
     with pytest.raises(ConfigError, match="image inputs and a convolutional network"):
         run(tmp_path, DeconvNet(layers=["0"], refinement_stage=-1), vector_net, shape=(12,))
+
+
+def test_command_line_on_a_checkpoint(tmp_path):
+    from skipnets.cli import main
+
+    torch.manual_seed(0)
+    module = Classifier("resnet20", num_classes=10, input_shape=(1, 8, 8))
+    trainer = L.Trainer(logger=False, accelerator="cpu", default_root_dir=tmp_path)
+    trainer.strategy.connect(module)
+    checkpoint = tmp_path / "trained.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "model: {arch: resnet20}\n"
+        "data: {class_path: Digits, init_args: {image_size: 8, batch_size: 64}}\n"
+        f"trainer:\n  accelerator: cpu\n  logger: false\n  default_root_dir: {tmp_path / 'run'}\n"
+        "  callbacks:\n"
+        "    - class_path: DeconvNet\n"
+        "      init_args: {channels: 1, max_samples: 40, methods: [guided_backprop],"
+        " refinement_channels: 1}\n"
+    )
+    common = ["deconvnet", "--config", str(config), "--trainer.enable_progress_bar=false"]
+    assert main(common) == 2  # no checkpoint given: one message, status 2
+    assert main([*common, f"--ckpt_path={checkpoint}"]) == 0
+    folder = tmp_path / "run" / "deconvnet" / "trained"
+    assert {p.name for p in folder.iterdir()} == {
+        "filters.png",
+        "blocks_2_guided_backprop.png",
+        "blocks_5_guided_backprop.png",
+        "blocks_8_guided_backprop.png",
+        "refinement_stage2_guided_backprop.png",
+        "top_activations.csv",
+    }

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
@@ -231,7 +233,9 @@ def _merge(old, new, k: int):
 
 # -- the callback -----------------------------------------------------------------------------
 class DeconvNet(Callback):
-    """What the units of chosen layers respond to: for each chosen feature map, the ``top_k``
+    """Top activations projected to pixel space: DeconvNet, guided backprop, refinement.
+
+    What the units of chosen layers respond to: for each chosen feature map, the ``top_k``
     strongest activations over a dataset split, each projected back to pixel space and shown
     next to the input patch it sees (its receptive field), in grids like Fig. 2 of Zeiler &
     Fergus 2013, "Visualizing and Understanding Convolutional Networks" (arXiv:1311.2901).
@@ -257,7 +261,11 @@ class DeconvNet(Callback):
 
         trainer = L.Trainer(callbacks=[DeconvNet(every_n_epochs=10)])
 
-    Writes, per run of the analysis, ``<run dir>/deconvnet/epoch<E>/``: ``filters.png``,
+    Runs at the end of training, every ``every_n_epochs``, and in a standalone ``validate`` on a
+    checkpoint (``skipnets deconvnet --config ... --ckpt_path ...``).
+
+    Writes, per run of the analysis, ``<run dir>/deconvnet/epoch<E>/`` (in ``validate``:
+    ``deconvnet/<checkpoint name>/``): ``filters.png``,
     ``<layer>_<method>.png`` per layer and method, ``refinement_stage<S>_<method>.png``, and
     ``top_activations.csv`` (layer, channel, rank, sample index, value, row and column of the
     unit, receptive-field box); the images are logged to W&B.
@@ -413,32 +421,45 @@ class DeconvNet(Callback):
         if self._last_step != trainer.global_step:
             self.visualise(trainer, pl_module, epoch=self._last_epoch)
 
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A standalone `validate` (``skipnets deconvnet``): the checkpoint's weights are loaded.
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            name = Path(trainer.ckpt_path).stem if trainer.ckpt_path else "validate"
+            self.visualise(trainer, pl_module, folder=name)
+
     # -- the analysis ---------------------------------------------------------------------------
     def visualise(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int | None = None
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        epoch: int | None = None,
+        folder: str | None = None,
     ) -> list[str]:
         """Search the split (each rank its share), merge the top activations across ranks, and
-        draw the figures on rank zero. Returns the paths written (empty on other ranks)."""
+        draw the figures on rank zero into ``deconvnet/<folder>`` (default ``epoch<E>``).
+        Returns the paths written (empty on other ranks)."""
         epoch = trainer.current_epoch if epoch is None else epoch
+        folder = folder or f"epoch{epoch:03d}"
         self._last_step = trainer.global_step
-        device = pl_module.device
         watched = self._layers + self._stage_blocks
         was_training = pl_module.training
         pl_module.eval()
         try:
-            loader, indices = shard_loader(trainer, self.split, self.max_samples, "DeconvNet")
-            batches = _with_indices(loader, indices, device)
-            tops = top_activations(pl_module, [m for _, m in watched], batches, self.top_k)
-            tops = [_gather(trainer, top, self.top_k) for top in tops]
-            if not trainer.is_global_zero:
-                return []
-            dataset, _ = split_dataset(trainer, self.split, "DeconvNet")
-            return self._draw(trainer, pl_module, dataset, watched, tops, epoch)
+            # Validation hooks run under inference mode, which rules out the backward passes.
+            with torch.inference_mode(False):
+                loader, indices = shard_loader(trainer, self.split, self.max_samples, "DeconvNet")
+                batches = _with_indices(loader, indices, pl_module.device)
+                tops = top_activations(pl_module, [m for _, m in watched], batches, self.top_k)
+                tops = [_gather(trainer, top, self.top_k) for top in tops]
+                if not trainer.is_global_zero:
+                    return []
+                dataset, _ = split_dataset(trainer, self.split, "DeconvNet")
+                return self._draw(trainer, pl_module, dataset, watched, tops, epoch, folder)
         finally:
             pl_module.train(was_training)
 
-    def _draw(self, trainer, pl_module, dataset, watched, tops, epoch: int) -> list[str]:
-        folder = output_dir(trainer, "deconvnet") / f"epoch{epoch:03d}"
+    def _draw(self, trainer, pl_module, dataset, watched, tops, epoch: int, name: str):
+        folder = output_dir(trainer, "deconvnet") / name
         folder.mkdir(parents=True, exist_ok=True)
         device = pl_module.device
         written = []
