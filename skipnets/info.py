@@ -76,33 +76,41 @@ def _si(n: float) -> str:
     return str(int(n))
 
 
-def describe(model: str | nn.Module, input_shape: Sequence[int] | None = None) -> ModelFacts:
-    """The facts of a registered model (by name) or of a model instance.
+def describe(
+    model: str | nn.Module, input_shape: Sequence[int] | None = None, **kwargs: Any
+) -> ModelFacts:
+    """The facts of a registered model (by name, built with ``kwargs``) or of a model instance.
 
-    A name is built with its defaults on the meta device, so even the biggest nets cost no
-    memory. ``input_shape`` (one input, without the batch dimension) defaults to the registered
-    input of the model.
+    A name is built on the meta device, so even the biggest nets cost no memory (a model with an
+    operation the meta device cannot run is built for real). ``input_shape`` (one input, without
+    the batch dimension) defaults to the registered input of the model.
     """
     if isinstance(model, str):
         info = model_info(model)
-        name = model
         try:
             with torch.device("meta"):
-                module = create_model(name)
-            shape = _input_shape(module, info.input, input_shape)
-            return _facts(module, name, info, shape)
+                module = create_model(model, **kwargs)
+            return _facts(module, model, info, input_shape)
         except (NotImplementedError, RuntimeError):
-            # Some operation has no meta kernel: measure a real instance instead.
-            module = create_model(name)
-            return _facts(module, name, info, _input_shape(module, info.input, input_shape))
+            pass
+        return _run(_facts, create_model(model, **kwargs), model, info, input_shape)
+    if kwargs:
+        raise ConfigError("builder arguments go with a model name, not with a model instance")
     if not isinstance(model, nn.Module):
         raise ConfigError(
             f"describe() takes a model name or an nn.Module, not {type(model).__name__}"
         )
-    name = getattr(model, "registry_name", None) or type(model).__name__
-    info = model_info(name) if getattr(model, "registry_name", None) else None
-    registered = info.input if info is not None else None
-    return _facts(model, name, info, _input_shape(model, registered, input_shape))
+    registered = getattr(model, "registry_name", None)
+    name = registered or type(model).__name__
+    info = model_info(registered) if registered else None
+    return _run(_facts, model, name, info, input_shape)
+
+
+def _run(facts: Any, model: nn.Module, name: str, info: Any, input_shape: Any) -> ModelFacts:
+    try:
+        return facts(model, name, info, input_shape)
+    except RuntimeError as err:
+        raise ConfigError(f"{name} could not run on one input of that shape: {err}") from err
 
 
 def _input_shape(
@@ -131,7 +139,8 @@ def _input_shape(
     )
 
 
-def _facts(model: nn.Module, name: str, info: Any, shape: tuple[int, ...]) -> ModelFacts:
+def _facts(model: nn.Module, name: str, info: Any, input_shape: Sequence[int] | None) -> ModelFacts:
+    shape = _input_shape(model, info.input if info is not None else None, input_shape)
     parameters = sum(p.numel() for p in model.parameters())
     with _evaluating(model):
         x = _example(model, shape)

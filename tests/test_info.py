@@ -170,3 +170,16 @@ def test_cli_details(skipnets_cli):
     result = skipnets_cli("models", "--details", "resnet19")
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "resnet18" in result.stderr
+
+
+def test_describe_with_builder_arguments_and_bad_shapes():
+    paper = describe("resnet50", stride_at="1x1")
+    assert paper.receptive_field == (483, 483)
+    assert paper.parameters == describe("resnet50").parameters
+    small = describe("resnet20", input_shape=(3, 16, 16))
+    classifier = 2 * 64 * 10  # the same at any input size; the convolutions scale with area
+    assert (small.flops - classifier) * 4 == describe("resnet20").flops - classifier
+    with pytest.raises(ConfigError, match="could not run"):
+        describe("resnet20", input_shape=(5, 32, 32))  # five channels into a 3-channel stem
+    with pytest.raises(ConfigError, match="model name"):
+        describe(create_model("cascade_mlp"), width=3)
