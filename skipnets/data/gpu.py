@@ -1,0 +1,357 @@
+"""CIFAR-10/100 and MNIST held on the training device, augmented there a whole batch at a time.
+
+The dataset is read once through torchvision's dataset classes (the real on-disk formats, the
+same files as ``CIFAR10``/``CIFAR100``/``MNIST``) and kept as uint8 tensors on the device the
+Trainer trains on. Each batch is gathered, randomly cropped from a zero-padded copy, flipped and
+(optionally) cut out with a few batched tensor operations: no worker processes, no per-image
+Python, no host-to-device copy. The random crop and flip follow the torchvision path's
+distribution exactly (offsets uniform over ``0..2 * padding`` on each axis, padding with black
+before normalisation, flip with probability one half).
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from skipnets.data.base import DataModule
+from skipnets.data.vision import CIFAR10, CIFAR100, MNIST, TorchvisionData
+from skipnets.errors import ConfigError
+
+__all__ = ["GPUCIFAR10", "GPUCIFAR100", "GPUMNIST", "DeviceLoader", "GPUVisionData", "augment"]
+
+
+def _seed(*parts: int) -> int:
+    # Generators are seeded from tuples; hash() of a tuple of ints is stable across runs.
+    return hash(parts) & (2**63 - 1)
+
+
+def augment(
+    images: Tensor,
+    generator: torch.Generator,
+    crop_padding: int = 0,
+    flip: bool = False,
+    cutout: int = 0,
+    mean: Tensor | None = None,
+    std: Tensor | None = None,
+) -> Tensor:
+    """Random crop, flip, normalisation and cutout of a uint8 batch ``(N, C, H, W)``.
+
+    Crop: zero-pad by ``crop_padding`` and take an ``H x W`` window at an offset drawn uniformly
+    from ``0..2 * crop_padding`` on each axis (torchvision's ``RandomCrop(padding=p)``).
+    Flip: mirror left-right with probability 0.5. Cutout (DeVries & Taylor 2017): zero a
+    ``cutout x cutout`` square (after normalisation, so it takes the mean colour) centred at a
+    uniformly drawn pixel, clipped at the border. Returns float32, normalised with
+    ``mean``/``std`` (per channel, on the 0..1 scale) when given.
+    """
+    n, _, height, width = images.shape
+    device = images.device
+    if crop_padding:
+        p = crop_padding
+        padded = torch.nn.functional.pad(images, (p, p, p, p))
+        top = torch.randint(0, 2 * p + 1, (n,), generator=generator, device=device)
+        left = torch.randint(0, 2 * p + 1, (n,), generator=generator, device=device)
+        rows = (top[:, None] + torch.arange(height, device=device))[:, :, None]
+        cols = (left[:, None] + torch.arange(width, device=device))[:, None, :]
+        # Advanced indices around a slice put their dimensions first: (N, H, W, C).
+        images = padded[torch.arange(n, device=device)[:, None, None], :, rows, cols]
+        images = images.permute(0, 3, 1, 2)
+    if flip:
+        mirrored = torch.rand(n, generator=generator, device=device) < 0.5
+        images = torch.where(mirrored[:, None, None, None], images.flip(3), images)
+    out = images.float().div_(255)
+    if mean is not None and std is not None:
+        out = out.sub_(mean[:, None, None]).div_(std[:, None, None])
+    if cutout:
+        cy = torch.randint(0, height, (n, 1, 1), generator=generator, device=device)
+        cx = torch.randint(0, width, (n, 1, 1), generator=generator, device=device)
+        ys = torch.arange(height, device=device)[None, :, None]
+        xs = torch.arange(width, device=device)[None, None, :]
+        low = cutout // 2
+        inside = (ys >= cy - low) & (ys < cy - low + cutout) & (xs >= cx - low)
+        inside &= xs < cx - low + cutout
+        out = out.masked_fill(inside[:, None], 0.0)
+    return out.contiguous()
+
+
+def _unchecked(dataset_cls: type) -> type:
+    """``dataset_cls`` without the MD5 check of CIFAR's label-names file, which torchvision
+    makes on every load: as for the data files (see ``vision._CIFAR10``), sums are checked when
+    downloading, so a user's own copy, or a test's tiny one, loads as it is."""
+    if not hasattr(dataset_cls, "_load_meta"):
+        return dataset_cls
+
+    def _load_meta(self: Any) -> None:
+        path = Path(self.root) / self.base_folder / self.meta["filename"]
+        with path.open("rb") as file:
+            self.classes = pickle.load(file, encoding="latin1")[self.meta["key"]]
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+
+    return type(dataset_cls.__name__, (dataset_cls,), {"_load_meta": _load_meta})
+
+
+class _Epoch:
+    # Lightning calls ``loader.sampler.set_epoch(epoch)`` before each epoch (and on resume).
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+class DeviceLoader:
+    """Batches of a dataset already on its device: this rank's share, in a seeded order.
+
+    Not a ``DataLoader``, so Lightning does not put a ``DistributedSampler`` in: the loader
+    shards itself. Training order: one permutation per epoch, from ``(seed, epoch)``, the same
+    on every rank; rank ``r`` of ``w`` takes the ``r``-th of ``w`` equal slices (the last
+    ``len % w`` samples of the permutation wait for another epoch), so ranks see disjoint data
+    and the same number of batches. Evaluation: every sample exactly once across ranks, in order.
+    Augmentation draws from a generator seeded with ``(seed, epoch, rank)``.
+
+    ``state_dict`` records how far into the epoch it is; after a resume in the middle of an
+    epoch the first pass skips the batches already trained on.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        transform: Callable[[Tensor, torch.Generator], Tensor],
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ) -> None:
+        self.images, self.labels = images, labels
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.transform = transform
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.drop_last = drop_last
+        self.sampler = _Epoch()
+        self.batch_sampler = None  # Lightning looks for one where it finds a sampler
+        self._position = 0
+        self._resume: tuple[int, int] | None = None
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def indices(self) -> Tensor:
+        """This rank's sample indices for the current epoch, in the order they are served."""
+        n, device = len(self.labels), self.labels.device
+        if self.shuffle:
+            generator = torch.Generator(device=device).manual_seed(_seed(self.seed, self.epoch))
+            order = torch.randperm(n, generator=generator, device=device)
+            share = n // self.world_size
+            return order[self.rank * share : (self.rank + 1) * share]
+        return torch.arange(n, device=device).tensor_split(self.world_size)[self.rank]
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        count = n // self.world_size
+        if not self.shuffle and self.rank < n % self.world_size:
+            count += 1  # tensor_split gives the first n % world_size ranks one more
+        full, rest = divmod(count, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        order = self.indices()
+        skip = 0
+        if self._resume is not None:
+            epoch, batches = self._resume
+            self._resume = None
+            if epoch == self.epoch and 0 < batches < len(self):
+                skip = batches
+        generator = torch.Generator(device=self.labels.device)
+        generator.manual_seed(_seed(self.seed, self.epoch, self.rank))
+        self._position = skip
+        for batch in range(skip, len(self)):
+            index = order[batch * self.batch_size : (batch + 1) * self.batch_size]
+            self._position = batch + 1
+            yield self.transform(self.images[index], generator), self.labels[index]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batches": self._position}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume = (int(state_dict.get("epoch", 0)), int(state_dict.get("batches", 0)))
+
+
+class GPUVisionData(DataModule):
+    """A torchvision dataset kept on the training device; see the module docstring.
+
+    Reads the files of ``source`` (its folder, normalisation, error messages, train/val split:
+    the same seeded ``val_size`` images are held out as in the torchvision path).
+
+    Args:
+        root: folder holding the dataset's folder.
+        download: fetch the files first (torchvision's download).
+        val_size: training images held out for validation.
+        augment: apply the training augmentation below (off: plain normalised images).
+        crop_padding: random crop from a copy padded by this many pixels (0: no crop); default
+            the torchvision path's (4 for CIFAR, none for MNIST).
+        flip: random horizontal flip; default the torchvision path's (CIFAR yes, MNIST no).
+        cutout: side of the cutout square in pixels (0: off; 16 in DeVries & Taylor's CIFAR-10).
+        batch_size: training batch size per device.
+        eval_batch_size: batch size for validation and test (default: ``batch_size``).
+        drop_last: drop each epoch's last, smaller training batch (one shape for ``compile``).
+        seed: seeds the split, the order of each epoch and the augmentation.
+    """
+
+    source: type[TorchvisionData]
+
+    def __init__(
+        self,
+        root: str = "data",
+        download: bool = False,
+        val_size: int = 5000,
+        augment: bool = True,
+        crop_padding: int | None = None,
+        flip: bool | None = None,
+        cutout: int = 0,
+        batch_size: int = 512,
+        eval_batch_size: int | None = None,
+        drop_last: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size, 0, seed)
+        source = self.source
+        self.num_classes = source.num_classes
+        self.input_shape = source.input_shape
+        self.root = Path(root).expanduser()
+        self.download = download
+        if val_size < 0:
+            raise ConfigError(f"val_size must be >= 0, got {val_size}")
+        if crop_padding is not None and crop_padding < 0:
+            raise ConfigError(f"crop_padding must be >= 0, got {crop_padding}")
+        if cutout < 0 or cutout > max(source.input_shape[1:]):
+            raise ConfigError(f"cutout must be between 0 and the image size, got {cutout}")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ConfigError(f"eval_batch_size must be positive, got {eval_batch_size}")
+        self.val_size = val_size
+        self.augment = augment
+        self.crop_padding = self.default_crop_padding if crop_padding is None else crop_padding
+        self.flip = self.default_flip if flip is None else flip
+        self.cutout = cutout
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.drop_last = drop_last
+        if not download and not (self.root / source.folder).is_dir():
+            raise ConfigError(
+                f"{type(self).__name__} not found: no {source.folder!r} folder under "
+                f"{str(self.root)!r}. Pass --data.init_args.download=true to fetch it, "
+                f"or point --data.init_args.root at a folder holding it ({source.how_to_get})."
+            )
+        self._splits: dict[str, tuple[Tensor, Tensor]] = {}
+
+    default_crop_padding = 0
+    default_flip = False
+
+    def prepare_data(self) -> None:
+        if self.download:
+            for train in (True, False):
+                self.source.dataset_cls(str(self.root), train=train, download=True)
+
+    def _device(self) -> torch.device:
+        trainer = self.trainer
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def _read(self, train: bool) -> tuple[Tensor, Tensor]:
+        dataset = _unchecked(self.source.dataset_cls)(str(self.root), train=train)
+        images = torch.as_tensor(dataset.data)
+        images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
+        return images.contiguous(), torch.as_tensor(dataset.targets, dtype=torch.long)
+
+    def setup(self, stage: str | None = None) -> None:
+        device = self._device()
+        if self._splits and self._splits["train"][0].device == device:
+            return
+        images, labels = self._read(train=True)
+        n = len(labels)
+        if self.val_size >= n:
+            raise ConfigError(f"val_size={self.val_size} leaves no training data ({n} images)")
+        # The torchvision path's split: the same seeded permutation, val first.
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        train, val = order[self.val_size :], order[: self.val_size]
+        test_images, test_labels = self._read(train=False)
+        self._splits = {
+            "train": (images[train].to(device), labels[train].to(device)),
+            "val": (images[val].to(device), labels[val].to(device)),
+            "test": (test_images.to(device), test_labels.to(device)),
+        }
+        self._mean = torch.tensor(self.source.mean, device=device)
+        self._std = torch.tensor(self.source.std, device=device)
+
+    def _train_transform(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        if not self.augment:
+            return self._eval_transform(images, generator)
+        return augment(
+            images, generator, self.crop_padding, self.flip, self.cutout, self._mean, self._std
+        )
+
+    def _eval_transform(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        return augment(images, generator, mean=self._mean, std=self._std)
+
+    def _device_loader(self, split: str) -> DeviceLoader:
+        if split not in self._splits:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not run")
+        trainer = self.trainer
+        train = split == "train"
+        return DeviceLoader(
+            *self._splits[split],
+            self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            transform=self._train_transform if train else self._eval_transform,
+            seed=self.seed,
+            rank=trainer.global_rank if trainer is not None else 0,
+            world_size=trainer.world_size if trainer is not None else 1,
+            drop_last=self.drop_last and train,
+        )
+
+    def train_dataloader(self) -> DeviceLoader:  # type: ignore[override]
+        return self._device_loader("train")
+
+    def val_dataloader(self) -> DeviceLoader:  # type: ignore[override]
+        return self._device_loader("val")
+
+    def test_dataloader(self) -> DeviceLoader:  # type: ignore[override]
+        return self._device_loader("test")
+
+    def predict_dataloader(self) -> DeviceLoader:  # type: ignore[override]
+        return self._device_loader("test")
+
+
+class GPUCIFAR10(GPUVisionData):
+    """CIFAR-10 on the device, with the ResNet paper's crop (4-pixel padding) and flip.
+
+    .. code-block:: yaml
+
+        data:
+          class_path: GPUCIFAR10
+          init_args: {root: data, batch_size: 512, cutout: 0}
+    """
+
+    source = CIFAR10
+    default_crop_padding = 4
+    default_flip = True
+
+
+class GPUCIFAR100(GPUCIFAR10):
+    """CIFAR-100 (100 fine classes) on the device, augmented as CIFAR-10."""
+
+    source = CIFAR100
+
+
+class GPUMNIST(GPUVisionData):
+    """MNIST on the device; like the torchvision path, not augmented unless asked to be."""
+
+    source = MNIST
