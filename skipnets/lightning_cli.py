@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.utilities import rank_zero_only
 
 from skipnets.data import DataModule
+from skipnets.errors import ConfigError
 from skipnets.module import Classifier
 from skipnets.plugins import check_config_names, discover_plugins
 from skipnets.runs import run_dir, wandb_has_credentials, wandb_run_info, write_run_record
@@ -127,6 +128,7 @@ class SkipnetsCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         install_atomic_checkpoints(trainer)
+        _check_sync_batchnorm(trainer)
         return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -250,6 +252,21 @@ def _fill_cluster_devices(trainer: Any) -> None:
     trainer.devices = per_node
     if trainer.get("num_nodes") in (None, 1):
         trainer.num_nodes = nodes
+
+
+def _check_sync_batchnorm(trainer: Trainer) -> None:
+    from lightning.pytorch.accelerators import CPUAccelerator
+    from lightning.pytorch.strategies import ParallelStrategy
+
+    if (
+        getattr(trainer._accelerator_connector, "_layer_sync", None) is not None
+        and isinstance(trainer.accelerator, CPUAccelerator)
+        and isinstance(trainer.strategy, ParallelStrategy)
+    ):
+        raise ConfigError(
+            "trainer.sync_batchnorm needs GPUs: torch's SyncBatchNorm runs on CUDA (or XPU) "
+            "devices only; leave it off for DDP on CPU"
+        )
 
 
 def _finish_wandb(exit_code: int) -> None:

@@ -29,6 +29,24 @@ class KillAt(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class RequeueAt(Callback):
+    """At ``step``, send this process SLURM's pre-emption signal (SIGUSR1), wait until Lightning
+    has written its hpc checkpoint and asked ``scontrol`` to requeue, then die as SLURM kills."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step < self.step:
+            return
+        os.kill(os.getpid(), signal.SIGUSR1)
+        hpc = Path(trainer.default_root_dir) / "hpc_ckpt_1.ckpt"
+        deadline = time.monotonic() + 60
+        while not hpc.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class StallOnSave(Callback):
     """On the ``save``-th checkpoint save, put an object into the checkpoint whose pickling
     writes ``marker`` and then sleeps: the test kills the process while the file is being
@@ -107,13 +125,24 @@ class LogThroughRuns(Callback):
         log_table(trainer, "probe/dicts", [{"step": 1, "acc": 0.5}, {"step": 2, "acc": 0.75}])
 
 
-def wandb_records(run_file: str | os.PathLike) -> Iterator[Any]:
-    """The records of a W&B run log (``run-<id>.wandb``): a LevelDB-style log of protobuf
-    ``Record`` messages in 32 KiB blocks, after a 7-byte file header."""
+def wandb_records(run_file: str | os.PathLike, timeout: float = 60) -> list[Any]:
+    """The records of a finished W&B run log (``run-<id>.wandb``), once its ``exit`` record is
+    written (W&B's service finishes the file after ``wandb.finish`` returns)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = list(_read_records(Path(run_file).read_bytes()))
+        done = any(r.WhichOneof("record_type") == "exit" for r in records)
+        if done or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def _read_records(data: bytes) -> Iterator[Any]:
+    """A LevelDB-style log of protobuf ``Record`` messages in 32 KiB blocks, after a 7-byte
+    file header."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    data = Path(run_file).read_bytes()
-    assert data[:4] == b":W&B", f"{run_file} is not a W&B run log"
+    assert data[:4] == b":W&B", "not a W&B run log"
     block, position, chunks = 32768, 7, []
     while position + 7 <= len(data):
         room = block - position % block

@@ -1,0 +1,169 @@
+"""W&B tracking: offline files of a real run, resume into the same run, online/offline choice,
+the depth-study sweep."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT
+from run_probes import wandb_config, wandb_history
+
+from skipnets.cli import main
+from skipnets.lightning_cli import SkipnetsCLI
+
+if str(ROOT) not in sys.path:  # the runs name probe callbacks as tests.run_probes.*
+    sys.path.insert(0, str(ROOT))
+
+RUN = [
+    "fit",
+    "--seed_everything=0",
+    "--model.arch=highway_mlp",
+    "--model.arch_kwargs.depth=5",
+    "--model.arch_kwargs.width=16",
+    "--data.class_path=TwoSpirals",
+    "--data.init_args.batch_size=97",
+    "--trainer.max_epochs=1",
+    "--trainer.accelerator=cpu",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.log_every_n_steps=1",
+    "--trainer.callbacks+=tests.run_probes.LogThroughRuns",
+    "--trainer.callbacks+=NormRatio",
+    "--trainer.callbacks.every_n_steps=1",
+]
+
+
+def _git_head() -> str | None:
+    done = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True)
+    return done.stdout.decode().strip() if done.returncode == 0 else None
+
+
+def test_offline_run_records_config_model_code_figures_and_tables(tmp_path: Path, capsys) -> None:
+    assert main([*RUN, f"--trainer.default_root_dir={tmp_path}"]) == 0
+    report = capsys.readouterr().out
+
+    (run_dir,) = (tmp_path / "skipnets").iterdir()
+    run_id = run_dir.name
+    (folder,) = (tmp_path / "wandb").glob(f"offline-run-*-{run_id}")
+    # The run directory says where the offline run is and how to upload it.
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["wandb"] == {
+        "id": run_id,
+        "project": "skipnets",
+        "mode": "offline",
+        "folders": [str(folder)],
+        "sync": f"wandb sync {folder}",
+    }
+    assert f"upload it with: wandb sync {folder}" in report
+    assert record["arch"] == "highway_mlp"
+
+    # The run's own record: resolved config, registry name, parameter count, git commit.
+    config = wandb_config(folder / f"run-{run_id}.wandb")
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert json.loads(config["config"])["model"] == saved["model"]
+    assert saved["model"]["init_args"]["arch"] == config["arch"] == "highway_mlp"
+    assert config["parameters"] == record["parameters"] > 0
+    head = _git_head()
+    if head is not None:  # a source checkout: the commit of the code that ran
+        assert config["git_commit"] == record["git_commit"] == head
+
+    # Figures arrive as images, CSVs and rows as tables.
+    media = folder / "files" / "media"
+    assert list((media / "images" / "probe").glob("line_*.png"))
+    assert list((media / "images" / "norm_ratio").glob("figure_*.png"))
+    tables = {p.name.split("_")[0]: p for p in (media / "table" / "probe").glob("*.table.json")}
+    assert set(tables) == {"csv", "dicts"}
+    csv_table = json.loads(tables["csv"].read_text())
+    assert csv_table["columns"] == ["block", "ratio"]
+    assert csv_table["data"] == [["block1", 0.5], ["block2", 0.25]]
+    history = wandb_history(folder / f"run-{run_id}.wandb")
+    assert any(row.get("probe/line/_type") == "images/separated" for row in history)
+    assert any("val/acc" in row for row in history)
+
+
+def test_resumed_run_continues_the_same_wandb_run(tmp_path: Path, capsys) -> None:
+    assert main([*RUN, f"--trainer.default_root_dir={tmp_path}"]) == 0
+    assert main([*RUN, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=2",
+                 "--ckpt_path=last"]) == 0  # fmt: skip
+    report = capsys.readouterr().out
+
+    (run_dir,) = (tmp_path / "skipnets").iterdir()  # same id, so the same run directory
+    folders = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_dir.name}"))
+    assert len(folders) == 2
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["wandb"]["folders"] == [str(f) for f in folders]
+    assert record["wandb"]["sync"] == "wandb sync " + " ".join(map(str, folders))
+    assert record["wandb"]["sync"] in report
+    # The second part logs from where the first stopped.
+    epochs = [row["epoch"] for row in wandb_history(folders[1] / f"run-{run_dir.name}.wandb")
+              if "val/acc" in row]  # fmt: skip
+    assert epochs == [1]
+
+
+@pytest.fixture
+def no_wandb_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    for key in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    return monkeypatch
+
+
+@pytest.mark.parametrize(
+    ("env", "offline"),
+    [
+        ({}, True),  # no credentials
+        ({"WANDB_API_KEY": "x" * 40}, False),  # credentials: online
+        ({"WANDB_MODE": "online"}, False),  # the user's explicit choice wins
+        ({"WANDB_MODE": "offline", "WANDB_API_KEY": "x" * 40}, None),  # left to wandb, offline
+    ],
+)
+def test_online_only_with_credentials(env, offline, no_wandb_settings, tmp_path: Path) -> None:
+    for key, value in env.items():
+        no_wandb_settings.setenv(key, value)
+    cli = SkipnetsCLI(
+        args=[
+            "--data.class_path=TwoSpirals",
+            "--model.arch=plain_mlp",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        run=False,
+    )
+    logger = cli.trainer.logger
+    assert logger.save_dir == str(tmp_path)
+    if offline is None:
+        assert not logger._offline  # WANDB_MODE=offline is read by wandb.init itself
+    else:
+        assert logger._offline is offline
+
+
+SWEEP = ROOT / "configs" / "sweeps" / "depth_study.yaml"
+
+
+def test_depth_study_sweep_commands_are_valid_skipnets_runs(tmp_path: Path) -> None:
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    sweep = yaml.safe_load(SWEEP.read_text())
+    assert sweep["method"] == "grid" and sweep["metric"]["name"] == "val/acc"
+    parameters = sweep["parameters"]
+    assert parameters["model.arch_kwargs.depth"]["values"] == [10, 20, 50, 100]
+    kinds = {arch.split("_")[0] for arch in parameters["model.arch"]["values"]}
+    assert {"plain", "highway"} <= kinds
+    command = sweep["command"]
+    assert command[:3] == ["${env}", "skipnets", "fit"] and command[-1] == "${args}"
+    fixed = [str(ROOT / part) if part.endswith(".yaml") else part for part in command[3:-1]]
+
+    names = list(parameters)
+    for values in itertools.product(*(parameters[n]["values"] for n in names)):
+        run = {name: {"value": value} for name, value in zip(names, values)}
+        args = create_sweep_command_args({"args": run})["args"]  # what `wandb agent` appends
+        cli = SkipnetsCLI(args=[*fixed, *args, f"--trainer.default_root_dir={tmp_path}"], run=False)
+        model = cli.model.hparams
+        assert (model.arch, model.arch_kwargs["depth"]) == values
+        assert sum(1 for _ in cli.model.model.blocks) == values[1] - 2
