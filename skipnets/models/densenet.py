@@ -62,7 +62,7 @@ class DenseLayer(SkipBlock):
             self.norm2 = self.relu2 = self.conv2 = None
 
     def branch(self, x: Tensor) -> Tensor:
-        # Dropout (if any) follows every convolution, as in the paper.
+        # Dropout (if any) follows every convolution but the stem's, as in the paper.
         out = self._drop(self.conv1(self.relu1(self.norm1(x))))
         if self.conv2 is None:
             return out
@@ -80,13 +80,15 @@ class DenseLayer(SkipBlock):
 
 
 class Transition(nn.Sequential):
-    """BN-ReLU-conv1x1-avgpool2x2 between dense blocks."""
+    """BN-ReLU-conv1x1-avgpool2x2 between dense blocks (dropout after the conv, if any)."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, drop_rate: float = 0.0) -> None:
         super().__init__()
         self.norm = nn.BatchNorm2d(in_channels)
         self.relu = nn.ReLU()
         self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        if drop_rate:
+            self.drop = nn.Dropout(drop_rate)
         self.pool = nn.AvgPool2d(2, stride=2)
 
 
@@ -142,7 +144,7 @@ class DenseNet(nn.Module):
             self.features.add_module(f"denseblock{i + 1}", block)
             if i < len(layers_per_block) - 1:
                 out = int(channels * compression)
-                self.features.add_module(f"transition{i + 1}", Transition(channels, out))
+                self.features.add_module(f"transition{i + 1}", Transition(channels, out, drop_rate))
                 channels = out
         self.features.add_module(f"norm{len(layers_per_block) + 1}", nn.BatchNorm2d(channels))
         self.classifier = nn.Linear(channels, num_classes)
