@@ -66,7 +66,8 @@ def log_table(
 
 
 def mark_stages(ax: Axes, stages: Sequence[int], offset: float = 0.0) -> None:
-    """Dashed vertical lines between consecutive indices whose stage differs."""
+    """Dashed vertical lines between consecutive indices whose stage differs (negative stages,
+    parts outside any stage such as a stem or head, are not boundaries)."""
     for i in range(1, len(stages)):
-        if stages[i] != stages[i - 1]:
+        if min(stages[i], stages[i - 1]) >= 0 and stages[i] != stages[i - 1]:
             ax.axvline(i - 0.5 + offset, color="0.5", linestyle="--", linewidth=0.8)

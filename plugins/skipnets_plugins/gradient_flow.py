@@ -30,8 +30,10 @@ GRANULARITIES = ("block", "layer")
 
 
 class GradientFlow(Callback):
-    """The vanishing-gradient picture: the L2 norm of the loss gradient of each block's (or
-    layer's) parameters, every ``every_n_steps`` optimizer steps.
+    """Gradient norm of each block or layer over training: where gradients vanish.
+
+    The L2 norm of the loss gradient of each block's (or layer's) parameters, every
+    ``every_n_steps`` optimizer steps.
 
     Measured in ``on_before_optimizer_step``: after gradient accumulation, after mixed precision
     has unscaled the gradients, and after DDP has averaged them across ranks, so every rank sees
@@ -197,12 +199,13 @@ def plot_gradient_flow(rows: Sequence[dict[str, Any]], stages: Sequence[int]):
     heat, curves = axes[0]
     positive = grid[np.isfinite(grid) & (grid > 0)]
     norm = LogNorm(positive.min(), positive.max()) if positive.size else None
+    cmap = colormaps["magma"].with_extremes(bad="0.8")  # grey: exactly zero (or not measured)
     image = heat.imshow(
         np.where(grid > 0, grid, np.nan),
         aspect="auto",
         origin="lower",
         norm=norm,
-        cmap="magma",
+        cmap=cmap,
         extent=(-0.5, len(steps) - 0.5, -0.5, count - 0.5),
         interpolation="nearest",
     )
@@ -210,7 +213,7 @@ def plot_gradient_flow(rows: Sequence[dict[str, Any]], stages: Sequence[int]):
     heat.set_xticks(ticks, [str(steps[t]) for t in ticks])
     heat.set_xlabel("step")
     heat.set_ylabel("depth (0: input side)")
-    heat.set_title("gradient norm")
+    heat.set_title("gradient norm (grey: zero)")
     fig.colorbar(image, ax=heat, label=r"$\|\nabla_\theta L\|_2$")
 
     shown = sorted(
