@@ -13,10 +13,11 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
 # The Lightning parts load on first use, so `import skipnets` stays light for model-only users.
-_LAZY = {"Classifier": "skipnets.module"}
+_LAZY = {"Classifier": "skipnets.module", "Segmenter": "skipnets.segmentation"}
 
 __all__ = [
     "Classifier",
+    "Segmenter",
     "ConfigError",
     "SkipnetsError",
     "UnknownModelError",
