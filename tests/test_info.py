@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from skipnets.cli import main
 from skipnets.errors import ConfigError
 from skipnets.info import describe, receptive_field
 from skipnets.registry import create_model
@@ -167,9 +168,12 @@ def test_cli_details(skipnets_cli):
     out = result.stdout
     assert "resnet18" in out and "arXiv:1512.03385" in out and "11,689,512" in out
     assert "435 x 435" in out and "8 (8 residual)" in out and "3,628,146,688" in out
-    result = skipnets_cli("models", "--details", "resnet19")
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and "resnet18" in result.stderr
+
+
+def test_cli_details_of_an_unknown_name(capsys):
+    assert main(["models", "--details", "resnet19"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "resnet18" in err
 
 
 def test_describe_with_builder_arguments_and_bad_shapes():
