@@ -1,0 +1,199 @@
+"""What every skipnets data module tells the model: ``num_classes`` and ``input_shape``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from itertools import islice
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
+
+from skipnets.errors import ConfigError
+
+
+class DataModule(L.LightningDataModule):
+    """Base for the skipnets data modules: loaders over ``train_set``/``val_set``/``test_set``.
+
+    Subclasses set ``num_classes`` and ``input_shape`` in ``__init__`` (the CLI links them into
+    the model before anything is loaded) and build the three datasets in ``setup``.
+    Under DDP Lightning gives each rank a distributed sampler, so each sample is seen once per
+    epoch across ranks.
+    """
+
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+    def __init__(self, batch_size: int = 128, num_workers: int = 0, seed: int = 0) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be positive, got {batch_size}")
+        if num_workers < 0:
+            raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not run")
+        batched = type(dataset) is TensorDataset
+        if batched:
+            dataset = InMemoryDataset(*dataset.tensors)
+        return ResumableLoader(
+            dataset,
+            batch_size=self.batch_size,
+            collate_fn=_fetched_batch if batched else None,
+            sampler=SeededShuffle(dataset, self.seed) if shuffle else None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            # A loader's own generator, so iterating it never draws from the global RNG.
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+
+class InMemoryDataset(TensorDataset):
+    """Tensors in memory, fetched a whole batch at a time.
+
+    ``DataLoader`` hands ``__getitems__`` the indices of a batch: one indexing per tensor instead
+    of one per sample followed by stacking them, which for small inputs costs more than the
+    training step itself. The batch holds the same values as the per-sample path. Any sampler
+    works, including the ``DistributedSampler`` Lightning puts in under DDP. ``DataModule``
+    loaders use it for every plain ``TensorDataset``.
+    """
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, ...]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return tuple(tensor[index] for tensor in self.tensors)
+
+
+def _fetched_batch(batch: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    # The collate step of an InMemoryDataset loader: __getitems__ already built the batch.
+    return batch
+
+
+class SeededShuffle(RandomSampler):
+    """A new order every epoch that depends only on ``(seed, epoch)``: Lightning calls
+    ``set_epoch``, so a run resumed at any epoch draws the same order as one never stopped.
+    Under DDP Lightning replaces it with a ``DistributedSampler``, which works the same way."""
+
+    def __init__(self, data_source: Dataset, seed: int = 0) -> None:
+        super().__init__(data_source)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch)) & (2**63 - 1))
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+
+
+class ResumableLoader(DataLoader):
+    """A ``DataLoader`` that knows how far into the epoch it is.
+
+    Lightning stores its ``state_dict`` in each checkpoint; after a resume in the middle of an
+    epoch, the first pass skips the batches the interrupted run already trained on (by index:
+    they are not loaded), so training continues with the very next batch. Its generator is
+    reseeded from ``(seed, epoch)`` each epoch, so workers' random augmentations repeat on an
+    epoch-boundary resume; in the rest of an epoch resumed midway they differ (workers restart).
+
+    A checkpoint written in the middle of a step (SLURM's pre-emption signal) counts a batch
+    that was fetched but not trained on; ``consumed``, when set (``skipnets.safety.RunState``
+    sets it), gives the number of batches the trainer itself counts as done, and wins.
+    """
+
+    def __init__(self, dataset: Dataset, **kwargs: Any) -> None:
+        self._position = 0
+        self._skip_next = 0
+        self._resume: tuple[int | None, int] | None = None
+        self.consumed: Callable[[], int] | None = None
+        super().__init__(dataset, **kwargs)
+        generator = self.generator
+        self._base_seed = generator.initial_seed() if generator is not None else None
+
+    def _epoch(self) -> int | None:
+        sampler = self.batch_sampler.sampler if self.batch_sampler is not None else self.sampler
+        return getattr(sampler, "epoch", None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._epoch(), "batches": self._position}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume = (state_dict.get("epoch"), int(state_dict.get("batches", 0)))
+
+    @property
+    def resuming(self) -> bool:
+        """Whether the next pass continues an epoch from a checkpoint."""
+        return self._resume is not None
+
+    @property
+    def _index_sampler(self) -> Any:
+        batches = super()._index_sampler
+        return _SkipFirst(batches, self._skip_next) if self._skip_next else batches
+
+    def __iter__(self) -> Iterator[Any]:
+        # A generator: this runs at the first batch, after Lightning has set the epoch.
+        epoch = self._epoch()
+        skip = 0
+        if self._resume is not None:
+            saved_epoch, batches = self._resume
+            if self.consumed is not None:
+                batches = self.consumed()
+            self._resume, self.consumed = None, None
+            if saved_epoch == epoch and 0 < batches < len(self):
+                skip = batches
+        if self._base_seed is not None and epoch is not None:
+            self.generator.manual_seed(hash((self._base_seed, epoch)) & (2**63 - 1))
+        self._position, self._skip_next = skip, skip
+        try:
+            iterator = super().__iter__()
+        finally:
+            self._skip_next = 0
+        for batch in iterator:
+            self._position += 1
+            yield batch
+
+
+class _SkipFirst:
+    """Batches of indices without the first ``skip``, once (persistent workers reuse it)."""
+
+    def __init__(self, batches: Any, skip: int) -> None:
+        self.batches = batches
+        self.skip = skip
+
+    def __len__(self) -> int:
+        return len(self.batches) - self.skip
+
+    def __iter__(self) -> Iterator[Any]:
+        skip, self.skip = self.skip, 0
+        return islice(iter(self.batches), skip, None)
+
+
+def split_indices(n: int, fractions: tuple[float, float], seed: int) -> tuple[torch.Tensor, ...]:
+    """A seeded permutation of ``range(n)`` cut into train / val / test by the two fractions."""
+    val_fraction, test_fraction = fractions
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ConfigError("val and test fractions must be in [0, 1) and sum to less than 1")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val, n_test = round(n * val_fraction), round(n * test_fraction)
+    return order[n_val + n_test :], order[:n_val], order[n_val : n_val + n_test]
