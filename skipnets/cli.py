@@ -166,7 +166,7 @@ def _lesion_command(args: list[str]) -> int:
             ckpt_path = self.config.validate.get("ckpt_path")
             if not ckpt_path:
                 raise ConfigError("skipnets lesion needs --ckpt_path: a checkpoint of the model")
-            check_checkpoint(ckpt_path, self.model)
+            # SkipnetsCLI has checked that the checkpoint fits the model before this hook.
             if not any(isinstance(callback, lesion) for callback in self.trainer.callbacks):
                 self.trainer.callbacks.append(lesion())
 
@@ -211,51 +211,9 @@ def _deconvnet_command(args: list[str]) -> int:
 
 def check_checkpoint(path: str, model: object) -> None:
     """Raise ``ConfigError`` unless ``path`` is a checkpoint whose weights fit ``model``."""
-    from pathlib import Path
+    from skipnets.safety import check_checkpoint as check
 
-    import torch
-
-    from skipnets.errors import ConfigError
-
-    if not Path(path).is_file():
-        raise ConfigError(f"no checkpoint at {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise ConfigError(f"could not read checkpoint {path}: {err}") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ConfigError(f"{path} is not a Lightning checkpoint (it has no state_dict)")
-
-    def architecture(hparams: object) -> str | None:
-        if not hasattr(hparams, "get") or not hparams.get("arch"):
-            return None
-        kwargs = hparams.get("arch_kwargs") or {}
-        return hparams["arch"] + (f" {dict(kwargs)}" if kwargs else "")
-
-    saved = architecture(checkpoint.get("hyper_parameters", {}))
-    wanted = architecture(getattr(model, "hparams", {}))
-    hint = "pass the config the checkpoint was trained with (its run directory has config.yaml)"
-    if saved and wanted and saved != wanted:
-        raise ConfigError(f"{path} holds a {saved} model but the config builds {wanted}: {hint}")
-    state, expected = checkpoint["state_dict"], model.state_dict()
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    reshaped = sorted(
-        k
-        for k in expected.keys() & state.keys()
-        if tuple(expected[k].shape) != tuple(state[k].shape)
-    )
-    problems = [
-        f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-        for label, keys in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("differently shaped", reshaped),
-        )
-        if keys
-    ]
-    if problems:
-        raise ConfigError(f"{path} does not fit the config's model ({'; '.join(problems)}): {hint}")
+    check(path, model, weights_only=False)
 
 
 def _lightning(args: list[str] | None) -> int:
