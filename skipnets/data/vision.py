@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch.utils.data import Dataset, Subset
@@ -115,8 +116,29 @@ class CIFAR10(TorchvisionData):
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
     how_to_get = "the python version, cifar-10-python.tar.gz, extracted"
 
+    def __init__(
+        self,
+        root: str = "data",
+        download: bool = False,
+        val_size: int = 5000,
+        augment: bool = True,
+        padding_mode: Literal["constant", "reflect"] = "constant",
+        batch_size: int = 128,
+        num_workers: int = 4,
+        seed: int = 0,
+    ) -> None:
+        """``padding_mode``: zeros around the 4-pixel crop (He et al.) or a reflection of the
+        image (Zagoruyko & Komodakis' wide ResNets)."""
+        super().__init__(root, download, val_size, augment, batch_size, num_workers, seed)
+        if padding_mode not in ("constant", "reflect"):
+            raise ConfigError(f"padding_mode must be 'constant' or 'reflect', not {padding_mode!r}")
+        self.padding_mode = padding_mode
+
     def _augmentation(self) -> list:
-        return [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
+        return [
+            T.RandomCrop(32, padding=4, padding_mode=self.padding_mode),
+            T.RandomHorizontalFlip(),
+        ]
 
 
 class CIFAR100(CIFAR10):
