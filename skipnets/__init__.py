@@ -17,8 +17,8 @@ _LAZY = {"Classifier": "skipnets.module", "Segmenter": "skipnets.segmentation"}
 
 __all__ = [
     "Classifier",
-    "Segmenter",
     "ConfigError",
+    "Segmenter",
     "SkipnetsError",
     "UnknownModelError",
     "__version__",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,8 @@ def test_missing_folder_is_a_config_error(tmp_path):
         ImageNet(root=str(tmp_path / "half"))
 
 
-def test_missing_folder_exits_with_one_line(tmp_path, capsys):
+def test_missing_folder_exits_with_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["skipnets"])
     status = main(
         [
             "fit",

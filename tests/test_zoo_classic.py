@@ -4,7 +4,9 @@ compatibility, and the paper configs that train them."""
 from __future__ import annotations
 
 import pickle
+import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -444,18 +446,18 @@ def _write_tiny_cifar10(root: Path, per_batch: int = 4) -> None:
 
 def fast_dev_run(config: str, tmp_path: Path, *overrides: str, capsys=None) -> str:
     """``skipnets fit --config CONFIG --trainer.fast_dev_run=1``, offline; returns stdout."""
-    status = main(
-        [
-            "fit",
-            "--config",
-            config,
-            "--trainer.fast_dev_run=1",
-            "--trainer.logger=false",
-            "--trainer.accelerator=cpu",
-            f"--trainer.default_root_dir={tmp_path / 'run'}",
-            *overrides,
-        ]
-    )
+    args = [
+        "fit",
+        "--config",
+        config,
+        "--trainer.fast_dev_run=1",
+        "--trainer.logger=false",
+        "--trainer.accelerator=cpu",
+        f"--trainer.default_root_dir={tmp_path / 'run'}",
+        *overrides,
+    ]
+    with mock.patch.object(sys, "argv", ["skipnets"]):
+        status = main(args)
     out = capsys.readouterr() if capsys else None
     assert status == 0, out.err[-3000:] if out else status
     return out.out if out else ""

@@ -172,7 +172,9 @@ class Neocognitron(nn.Module):
         # statistics) before the linear readout lets their differences reach the loss. Their
         # scale moves fast while a and b train: a high momentum keeps the running statistics
         # used at test time up to date.
-        self.readout = nn.Sequential(nn.BatchNorm1d(planes, momentum=0.5), nn.Linear(planes, num_classes))
+        self.readout = nn.Sequential(
+            nn.BatchNorm1d(planes, momentum=0.5), nn.Linear(planes, num_classes)
+        )
         self.num_features = planes
         self.input_size = 19 if tuple(stages) == STAGES_1988 else None
 

@@ -7,7 +7,8 @@ average pooling turns each map into that class's score, so ``forward_head`` has 
 
 Layer sizes follow the authors' released CIFAR-10 model: 192-160-96 (5x5), max pooling,
 192-192-192 (5x5), average pooling, 192-192-classes (3x3); 3x3 stride-2 pools in Caffe's
-ceil mode (32 -> 16 -> 8), dropout 0.5 after the first two mlpconv layers.
+ceil mode (32 -> 16 -> 8), dropout 0.5 after the first two mlpconv layers. The released
+model's hand-set Gaussian initial weights are not in the paper; He initialisation is used.
 """
 
 from __future__ import annotations
