@@ -24,7 +24,7 @@ class Segmenter(Classifier):
     .. code-block:: yaml
 
         model:
-          class_path: Segmenter
+          class_path: skipnets.segmentation.Segmenter
           init_args:
             arch: unet
             arch_kwargs: {depth: 3, base_width: 16, padding: same}
@@ -41,8 +41,8 @@ class Segmenter(Classifier):
         arch: registered segmentation model (``skipnets models`` lists them; task
             "segmentation").
         arch_kwargs, num_classes, input_shape, label_smoothing, weight_decay_norm_and_bias,
-        optimizer, lr_scheduler: as for ``Classifier``; ``num_classes`` and ``input_shape``
-            are linked from the data module by the CLI.
+        optimizer, lr_scheduler, channels_last, compile: as for ``Classifier``; ``num_classes``
+            and ``input_shape`` are linked from the data module by the CLI.
     """
 
     def __init__(
@@ -55,6 +55,8 @@ class Segmenter(Classifier):
         weight_decay_norm_and_bias: bool = True,
         optimizer: dict[str, Any] | None = None,
         lr_scheduler: dict[str, Any] | None = None,
+        channels_last: bool = False,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         info = model_info(arch)
         if info.task != "segmentation":
@@ -65,14 +67,16 @@ class Segmenter(Classifier):
         if num_classes is None:
             num_classes = (arch_kwargs or {}).get("num_classes") or _default_classes(info.builder)
         super().__init__(
-            arch,
-            arch_kwargs,
-            num_classes,
-            input_shape,
-            label_smoothing,
-            weight_decay_norm_and_bias,
-            optimizer,
-            lr_scheduler,
+            arch=arch,
+            arch_kwargs=arch_kwargs,
+            num_classes=num_classes,
+            input_shape=input_shape,
+            label_smoothing=label_smoothing,
+            weight_decay_norm_and_bias=weight_decay_norm_and_bias,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            channels_last=channels_last,
+            compile=compile,
         )
 
     @staticmethod

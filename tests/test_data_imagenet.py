@@ -3,32 +3,16 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from datagen import write_image_folder
 from test_zoo_classic import ROOT, fast_dev_run
 
 from skipnets.cli import main
 from skipnets.data import ImageNet
 from skipnets.data.imagenet import Lighting
 from skipnets.errors import ConfigError
-
-
-def write_image_folder(
-    root: Path, classes: int = 3, train_per_class: int = 4, val_per_class: int = 2, size: int = 40
-) -> None:
-    """``root/{train,val}/nXXXXXXXX/*.JPEG`` with random colour images of ``size`` pixels."""
-    rng = np.random.default_rng(0)
-    for split, count in (("train", train_per_class), ("val", val_per_class)):
-        for index in range(classes):
-            folder = root / split / f"n{index:08d}"
-            folder.mkdir(parents=True)
-            for image in range(count):
-                pixels = rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{split}_{index}_{image}.JPEG")
 
 
 def test_missing_folder_is_a_config_error(tmp_path):

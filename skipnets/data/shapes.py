@@ -69,7 +69,7 @@ class Shapes(DataModule):
     .. code-block:: yaml
 
         model:
-          class_path: Segmenter
+          class_path: skipnets.segmentation.Segmenter
           init_args: {arch: unet, arch_kwargs: {depth: 3, base_width: 16, padding: same}}
         data:
           class_path: Shapes
