@@ -73,6 +73,7 @@ def test_ddp_run_matches_one_process(tmp_path: Path) -> None:
         "--trainer.devices=2",
         "--trainer.strategy=ddp",
         f"--trainer.callbacks.folder={ddp / 'seen'}",
+        env=OWN_WANDB_SERVICE,
     )
     assert two.returncode == 0, two.stderr[-3000:]
     assert "distributed_backend=gloo" in two.stdout + two.stderr
@@ -125,6 +126,10 @@ def test_distributed_sampling_covers_each_sample_once(datamodule) -> None:
     assert seen[0] != list(range(0, n, 2))  # shuffled
 
 
+# A subprocess started from a process that uses W&B would share its W&B service (WANDB_SERVICE
+# is inherited), and a killed run's id would stay registered there; each run gets its own.
+OWN_WANDB_SERVICE = {"WANDB_SERVICE": ""}
+
 SLURM_ENV = {
     "SLURM_NTASKS": "1",
     "SLURM_NTASKS_PER_NODE": "1",
@@ -144,7 +149,7 @@ def test_slurm_requeue_resumes_from_the_hpc_checkpoint(tmp_path: Path) -> None:
     scontrol = bin_dir / "scontrol"
     scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
     scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
-    env = {**SLURM_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env = {**SLURM_ENV, **OWN_WANDB_SERVICE, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     root = tmp_path / "job"
     run = [
         "fit",
