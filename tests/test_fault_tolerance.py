@@ -218,8 +218,9 @@ def test_an_unsafe_checkpoint_loads_when_trusted(good_checkpoint: Path, tmp_path
     assert main(["validate", *options, f"--ckpt_path={trusted}", "--weights_only=false"]) == 0
 
 
-def test_loader_resumes_mid_epoch_without_loading_skipped_batches() -> None:
-    data = TwoSpirals(batch_size=40)
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loader_resumes_mid_epoch_without_loading_skipped_batches(workers: int) -> None:
+    data = TwoSpirals(batch_size=40, num_workers=workers)
     data.setup()
     loader = data.train_dataloader()
     assert isinstance(loader, ResumableLoader)
@@ -230,7 +231,7 @@ def test_loader_resumes_mid_epoch_without_loading_skipped_batches() -> None:
     state = loader.state_dict()
     assert state == {"epoch": 3, "batches": 2}
 
-    fresh = TwoSpirals(batch_size=40)
+    fresh = TwoSpirals(batch_size=40, num_workers=workers)
     fresh.setup()
     resumed = fresh.train_dataloader()
     resumed.load_state_dict(state)
@@ -243,3 +244,5 @@ def test_loader_resumes_mid_epoch_without_loading_skipped_batches() -> None:
     next_epoch = [x for x, _ in resumed]
     assert len(next_epoch) == len(full)
     assert not torch.equal(torch.cat(next_epoch), torch.cat(full))
+    resumed.sampler.set_epoch(3)  # (persistent workers reuse their index stream)
+    assert torch.equal(torch.cat([x for x, _ in resumed]), torch.cat(full))
