@@ -148,8 +148,7 @@ class ResumableLoader(DataLoader):
 
     @property
     def _index_sampler(self) -> Any:
-        batches = super()._index_sampler
-        return _SkipFirst(batches, self._skip_next) if self._skip_next else batches
+        return _SkipFirst(super()._index_sampler, self)
 
     def __iter__(self) -> Iterator[Any]:
         # A generator: this runs at the first batch, after Lightning has set the epoch.
@@ -175,18 +174,19 @@ class ResumableLoader(DataLoader):
 
 
 class _SkipFirst:
-    """Batches of indices without the first ``skip``, once (persistent workers reuse it)."""
+    """Batches of indices without the first ``loader._skip_next``. The count is read at each
+    pass (an iterator over worker processes starts its pass twice while it is built, and
+    persistent workers keep this object for later epochs, when the count is back to 0)."""
 
-    def __init__(self, batches: Any, skip: int) -> None:
+    def __init__(self, batches: Any, loader: ResumableLoader) -> None:
         self.batches = batches
-        self.skip = skip
+        self.loader = loader
 
     def __len__(self) -> int:
-        return len(self.batches) - self.skip
+        return len(self.batches) - self.loader._skip_next
 
     def __iter__(self) -> Iterator[Any]:
-        skip, self.skip = self.skip, 0
-        return islice(iter(self.batches), skip, None)
+        return islice(iter(self.batches), self.loader._skip_next, None)
 
 
 def split_indices(n: int, fractions: tuple[float, float], seed: int) -> tuple[torch.Tensor, ...]:
