@@ -175,6 +175,10 @@ class RunState(Callback):
       the uninterrupted one step for step. Under DDP the saved state is rank zero's; it is put on
       every rank, which is exact when ranks share a seed (``seed_everything``) and a batch shape.
     - The W&B run id and project, which the CLI passes back to W&B on resume.
+
+    On resume it also tells a :class:`skipnets.data.base.ResumableLoader` how many batches of the
+    interrupted epoch the trainer counts as done, which differs from the batches the loader had
+    handed out when the checkpoint was written in the middle of a step (SLURM's signal).
     """
 
     def __init__(self) -> None:
