@@ -93,7 +93,7 @@ def _models_command(args: list[str]) -> int:
         info = model_info(name)
         with torch.device("meta"):  # count parameters without allocating them
             params = sum(p.numel() for p in create_model(name).parameters())
-        paper = f"{info.paper.authors.split(',')[0]} et al. {info.paper.year}" if info.paper else ""
+        paper = f"{_first_author(info.paper.authors)} {info.paper.year}" if info.paper else ""
         rows.append(
             (name, info.family, f"{params / 1e6:.2f}M", "yes" if info.has_skip else "no", paper)
         )
@@ -214,6 +214,11 @@ def check_checkpoint(path: str, model: object) -> None:
     from skipnets.safety import check_checkpoint as check
 
     check(path, model, weights_only=False)
+
+
+def _first_author(authors: str) -> str:
+    first, _, others = authors.partition(",")
+    return f"{first.strip()} et al." if others.strip() else first.strip()
 
 
 def _lightning(args: list[str] | None) -> int:

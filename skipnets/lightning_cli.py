@@ -28,6 +28,7 @@ from skipnets.safety import (
     install_atomic_checkpoints,
     read_checkpoint,
 )
+from skipnets.segmentation import Segmenter  # noqa: F401 - so `class_path: Segmenter` resolves
 
 WANDB_LOGGER = "lightning.pytorch.loggers.WandbLogger"
 

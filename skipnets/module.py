@@ -79,6 +79,9 @@ class Classifier(L.LightningModule):
           class_path: torch.optim.lr_scheduler.MultiStepLR
           init_args: {milestones: [91, 136], gamma: 0.1}
 
+    A network with auxiliary classifiers exposes ``aux_loss(targets)``, the auxiliary loss of
+    its last forward; it is added to the training loss (GoogLeNet with ``aux_logits: true``).
+
     Args:
         arch: registered model name (``skipnets models`` lists them).
         arch_kwargs: keyword arguments of the model's builder.
@@ -167,6 +170,9 @@ class Classifier(L.LightningModule):
         metrics = self.metrics[f"{split}_"]
         metrics.update(logits.detach(), y)
         if split == "train":
+            aux_loss = getattr(self.model, "aux_loss", None)
+            if aux_loss is not None:  # auxiliary classifiers (GoogLeNet) add theirs in training
+                loss = loss + aux_loss(y)
             self.log("train/loss", loss, prog_bar=True)
         else:
             self.losses[f"{split}_"].update(loss.detach(), weight=y.shape[0])

@@ -89,3 +89,23 @@ def test_model_and_data_mismatches_are_config_errors():
         Classifier(
             arch="resnet20", arch_kwargs={"num_classes": 3}, num_classes=10, input_shape=(1, 8, 8)
         )
+
+
+def test_warmup_multistep_schedule():
+    from skipnets.schedulers import WarmupMultiStepLR
+
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = WarmupMultiStepLR(
+        optimizer, milestones=[3, 5], gamma=0.1, warmup_epochs=1, warmup_factor=0.1
+    )
+    rates = []
+    for _ in range(7):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    torch.testing.assert_close(rates, [0.01, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    resumed = WarmupMultiStepLR(optimizer, milestones=[1], warmup_epochs=0)
+    resumed.load_state_dict(scheduler.state_dict())
+    assert resumed.milestones == [3, 5] and resumed.last_epoch == 7
+    with pytest.raises(ConfigError):
+        WarmupMultiStepLR(optimizer, milestones=[1], warmup_factor=0.0)

@@ -29,6 +29,7 @@ RECIPES = {
     "densenet_bc_100_12_cifar10": ("densenet_bc_100_12", ([150, 225], 0.1), 300, 64, 1e-4),
     "preact_resnet164_cifar10": ("preact_resnet164", ([91, 136], 0.1), 182, 128, 1e-4),
 }
+WARMED_UP = {"resnet110_cifar10", "preact_resnet164_cifar10"}
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +54,14 @@ def test_cifar_recipes_are_the_papers(name):
     assert config["optimizer"]["init_args"]["lr"] == 0.1
     assert config["optimizer"]["init_args"]["momentum"] == 0.9
     assert config["optimizer"]["init_args"]["weight_decay"] == weight_decay
-    assert config["lr_scheduler"]["init_args"] == {"milestones": milestones, "gamma": gamma}
+    schedule = config["lr_scheduler"]["init_args"]
+    assert {k: schedule[k] for k in ("milestones", "gamma")} == {
+        "milestones": milestones,
+        "gamma": gamma,
+    }
+    if name in WARMED_UP:  # 0.01 for the first ~400 iterations, then 0.1
+        assert config["lr_scheduler"]["class_path"] == "skipnets.schedulers.WarmupMultiStepLR"
+        assert (schedule["warmup_epochs"], schedule["warmup_factor"]) == (1, 0.1)
     assert config["trainer"]["max_epochs"] == epochs
     assert config["data"]["class_path"] == "CIFAR10"
     assert config["data"]["init_args"]["batch_size"] == batch_size

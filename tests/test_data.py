@@ -82,3 +82,23 @@ def test_mnist_loads_real_idx_files(tmp_path):
 def test_missing_dataset_says_how_to_get_it(tmp_path):
     with pytest.raises(ConfigError, match="download=true"):
         MNIST(root=str(tmp_path / "nowhere"))
+
+
+def test_digits_shifted_copies_grow_only_the_training_split():
+    plain, shifted = Digits(image_size=8, seed=1), Digits(image_size=8, seed=1, shift=1)
+    plain.setup("fit")
+    shifted.setup("fit")
+    x, y = plain.train_set.tensors
+    xs, ys = shifted.train_set.tensors
+    assert (
+        len(xs) == 9 * len(x)
+        and torch.equal(ys[: len(y)], y)
+        and torch.equal(ys[len(y) :: len(y)], y[:1].repeat(8))
+    )
+    torch.testing.assert_close(xs[: len(x)], x)
+    background = xs.min()
+    # the copy moved by (dy, dx) = (-1, -1): row 0 of the copy is row 1 of the original
+    moved = xs[len(x) : 2 * len(x)]
+    torch.testing.assert_close(moved[:, :, :7, :7], x[:, :, 1:, 1:])
+    assert torch.all(moved[:, :, 7, :] == background)
+    torch.testing.assert_close(shifted.test_set.tensors[0], plain.test_set.tensors[0])

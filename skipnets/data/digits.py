@@ -17,6 +17,8 @@ class Digits(DataModule):
     ``image_size`` pixels (8 keeps the original; 16, 28 or 32 suit the conv nets). Inputs are
     standardised with the training split's mean and standard deviation. The split is a seeded
     permutation: ``val_fraction`` and ``test_fraction`` of the 1,797 images, the rest for training.
+    ``shift`` adds, for each training image, its copies moved by up to that many of the original
+    8x8 pixels in each direction (zeros fill in): ``shift: 1`` gives 9 images per original.
 
     .. code-block:: yaml
 
@@ -32,14 +34,20 @@ class Digits(DataModule):
         image_size: int | None = 16,
         val_fraction: float = 0.1,
         test_fraction: float = 0.2,
+        shift: int = 0,
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size, num_workers, seed)
         if image_size is not None and image_size < 8:
-            raise ConfigError(f"image_size must be at least 8 (the original size), got {image_size}")
+            raise ConfigError(
+                f"image_size must be at least 8 (the original size), got {image_size}"
+            )
+        if not 0 <= shift < 4:
+            raise ConfigError(f"shift must be 0, 1, 2 or 3 pixels, got {shift}")
         self.image_size = image_size
+        self.shift = shift
         self.fractions = (val_fraction, test_fraction)
         split_indices(10, self.fractions, seed)  # validate the fractions now, not at setup
         self.input_shape = (1, image_size, image_size) if image_size else (64,)
@@ -52,13 +60,40 @@ class Digits(DataModule):
         digits = load_digits()
         images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
         labels = torch.tensor(digits.target, dtype=torch.long)
+        train, val, test = split_indices(len(labels), self.fractions, self.seed)
+        repeats = (2 * self.shift + 1) ** 2
+        splits = [
+            (
+                self._resized(shifted_copies(images[train], self.shift)),
+                labels[train].repeat(repeats),
+            ),
+            (self._resized(images[val]), labels[val]),
+            (self._resized(images[test]), labels[test]),
+        ]
+        originals = splits[0][0][: len(train)]  # statistics of the training images, unshifted
+        mean, std = originals.mean(), originals.std()
+        self.train_set, self.val_set, self.test_set = (
+            TensorDataset((x - mean) / std, y) for x, y in splits
+        )
+
+    def _resized(self, images: torch.Tensor) -> torch.Tensor:
         if self.image_size and self.image_size != 8:
             size = (self.image_size, self.image_size)
             images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-        inputs = images if self.image_size else images.flatten(1)
-        train, val, test = split_indices(len(labels), self.fractions, self.seed)
-        mean, std = inputs[train].mean(), inputs[train].std()
-        inputs = (inputs - mean) / std
-        self.train_set = TensorDataset(inputs[train], labels[train])
-        self.val_set = TensorDataset(inputs[val], labels[val])
-        self.test_set = TensorDataset(inputs[test], labels[test])
+        return images if self.image_size else images.flatten(1)
+
+
+def shifted_copies(images: torch.Tensor, shift: int) -> torch.Tensor:
+    """``images`` followed by its copies moved by every (dy, dx) in ``[-shift, shift]^2``."""
+    if shift == 0:
+        return images
+    height, width = images.shape[-2:]
+    padded = F.pad(images, (shift, shift, shift, shift))
+    offsets = [
+        (dy, dx) for dy in range(-shift, shift + 1) for dx in range(-shift, shift + 1) if dy or dx
+    ]
+    copies = [
+        padded[..., shift - dy : shift - dy + height, shift - dx : shift - dx + width]
+        for dy, dx in offsets
+    ]
+    return torch.cat([images, *copies])
