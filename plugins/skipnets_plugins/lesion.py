@@ -269,9 +269,11 @@ class Lesion(Callback):
 
         handles = [block.register_forward_hook(remember(i)) for i, (_, block) in enumerate(blocks)]
         try:
-            batch = trainer.strategy.batch_to_device(next(iter(loader)))
-            with torch.no_grad(), trainer.precision_plugin.forward_context():
-                pl_module(batch[0])
+            batch = next(iter(loader), None)
+            if batch is not None:
+                batch = trainer.strategy.batch_to_device(batch)
+                with torch.no_grad(), trainer.precision_plugin.forward_context():
+                    pl_module(batch[0])
         finally:
             for handle in handles:
                 handle.remove()
@@ -282,13 +284,15 @@ class Lesion(Callback):
         def parent(name: str) -> str:
             return name.rpartition(".")[0]
 
-        return [
+        swappable = [
             i
             for i in range(len(blocks) - 1)
             if same_shape(i)
             and same_shape(i + 1)
             and parent(blocks[i][0]) == parent(blocks[i + 1][0])
         ]
+        # Every rank must run the same evaluations: rank zero's list decides.
+        return trainer.strategy.broadcast(swappable, src=0)
 
     # -- output -------------------------------------------------------------------------------
     def _report(self, trainer: Trainer) -> None:
@@ -333,6 +337,7 @@ class Lesion(Callback):
 
     def _plot(self, path: Path) -> None:
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
 
         singles = [r for r in self.results if r.lesion == "single"]
         swaps = [r for r in self.results if r.lesion == "swap"]
@@ -368,6 +373,8 @@ class Lesion(Callback):
             ax.set_ylabel(f"{self.split} accuracy")
             ax.set_title("k random deletions")
             ax.legend(fontsize="small")
+        for ax in axes:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         figure.savefig(path, dpi=120)
 
 
