@@ -15,6 +15,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from matplotlib import colormaps
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
+from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
@@ -46,8 +47,10 @@ _RATIO, _COUNT, _COS, _COS_COUNT = range(4)
 
 
 class NormRatio(Callback):
-    """Tracks ``||F(h)||_2 / ||h||_2`` for every skip block, the measure of Jastrzebski et al.
-    2018, "Residual connections encourage iterative inference" (arXiv:1710.04773).
+    """Ratio ``||F(h)|| / ||h||`` of each skip block's branch to its input (Jastrzebski 2018).
+
+    The measure of Jastrzebski et al. 2018, "Residual connections encourage iterative
+    inference" (arXiv:1710.04773), with L2 norms.
 
     ``h`` is a block's input and ``F(h)`` its branch output; the ratio is computed per sample and
     averaged. Blocks are observed through the skip-block contract (``SkipBlock.observe``), so no
@@ -255,5 +258,6 @@ def plot_norm_ratio(rows: Sequence[dict[str, Any]], stages: Sequence[int]):
         ax.set_xlabel("block index (dashed: stage boundary)")
         ax.set_ylabel(r"$\|F(h)\|_2 \,/\, \|h\|_2$")
         ax.grid(alpha=0.3)
-    fig.colorbar(ScalarMappable(norm, cmap), ax=axes[0].tolist(), label="epoch")
+    bar = fig.colorbar(ScalarMappable(norm, cmap), ax=axes[0].tolist(), label="epoch")
+    bar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     return fig
