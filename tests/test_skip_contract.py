@@ -133,3 +133,21 @@ def test_skip_blocks_in_depth_order_with_stages():
         block.observe(lambda b, x, out: order.append(b))
     model(torch.randn(1, 3, 32, 32))
     assert order == [b for _, b in blocks]
+
+
+def test_residual_mlp_is_the_plain_mlp_plus_shortcuts():
+    torch.manual_seed(0)
+    plain = skipnets.create_model("plain_mlp", depth=5, width=8, in_features=6, num_classes=3)
+    residual = skipnets.create_model("residual_mlp", depth=5, width=8, in_features=6, num_classes=3)
+    residual.load_state_dict(plain.state_dict())  # the same parameters, name for name
+    x = torch.randn(4, 6)
+    h = plain.stem(x)
+    for block in plain.blocks:
+        h = h + torch.relu(block.linear(h))
+    torch.testing.assert_close(residual(x), plain.head(h))
+    assert [b.kind for _, b in skip_blocks(residual)] == ["residual"] * 3
+    residual.blocks[1].lesioned = True
+    h = residual.stem(x)
+    h = h + torch.relu(residual.blocks[0].linear(h))
+    h = h + torch.relu(residual.blocks[2].linear(h))
+    torch.testing.assert_close(residual(x), residual.head(h))

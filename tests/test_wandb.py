@@ -154,7 +154,7 @@ def test_depth_study_sweep_commands_are_valid_skipnets_runs(tmp_path: Path) -> N
     parameters = sweep["parameters"]
     assert parameters["model.arch_kwargs.depth"]["values"] == [10, 20, 50, 100]
     kinds = {arch.split("_")[0] for arch in parameters["model.arch"]["values"]}
-    assert {"plain", "highway"} <= kinds
+    assert {"plain", "residual", "highway"} <= kinds
     command = sweep["command"]
     assert command[:3] == ["${env}", "skipnets", "fit"] and command[-1] == "${args}"
     fixed = [str(ROOT / part) if part.endswith(".yaml") else part for part in command[3:-1]]

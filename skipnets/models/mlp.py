@@ -11,7 +11,8 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from skipnets.errors import ConfigError
-from skipnets.nn import HighwayLinear, PlainLinear, SkipBlock, activation
+from skipnets.models.resnet import HE_2016
+from skipnets.nn import HighwayLinear, PlainLinear, ResidualLinear, SkipBlock, activation
 from skipnets.registry import Paper, VectorInput, register_model
 
 SRIVASTAVA_2015 = Paper(
@@ -40,6 +41,7 @@ class MLP(nn.Module):
         self.blocks = nn.Sequential(*(make_block() for _ in range(depth - 2)))
         self.head = nn.Linear(width, num_classes)
         self.num_features = width
+        self.in_features, self.num_classes = in_features, num_classes
         gain_name = act if act in ("relu", "tanh", "sigmoid") else "relu"
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -72,6 +74,26 @@ def plain_mlp(
         depth,
         width,
         lambda: PlainLinear(width, activation, norm),
+        activation,
+    )
+
+
+@register_model(family="resnet", paper=HE_2016, input=VectorInput(), has_skip=True)
+def residual_mlp(
+    depth: int = 10,
+    width: int = 64,
+    activation: str = "relu",
+    norm: bool = False,
+    in_features: int = 784,
+    num_classes: int = 10,
+) -> MLP:
+    """Residual fully connected net ``y = x + act(W x + b)``: plain_mlp plus identity shortcuts."""
+    return MLP(
+        in_features,
+        num_classes,
+        depth,
+        width,
+        lambda: ResidualLinear(width, activation, norm),
         activation,
     )
 

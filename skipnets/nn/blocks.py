@@ -57,6 +57,22 @@ class PlainLinear(SkipBlock):
         return x
 
 
+class ResidualLinear(PlainLinear):
+    """The same layer with an identity shortcut: ``y = x + act(norm(W x + b))``.
+
+    One weight layer per block, so a residual MLP has exactly the parameters of the plain one of
+    the same depth: the only difference is the skip path.
+    """
+
+    kind = "residual"
+
+    def combine(self, shortcut: Tensor, branch: Tensor) -> Tensor:
+        return shortcut + branch
+
+    def bypass(self, x: Tensor, shortcut: Tensor) -> Tensor:
+        return shortcut
+
+
 class HighwayLinear(SkipBlock):
     """A highway layer (Srivastava et al. 2015): ``y = t * h + (1 - t) * x``.
 
