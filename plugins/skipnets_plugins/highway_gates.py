@@ -30,8 +30,10 @@ COLUMNS = (
 
 
 class HighwayGates(Callback):
-    """What the transform gates of a highway network do, as in Fig. 2 of Srivastava, Greff &
-    Schmidhuber 2015, "Training Very Deep Networks" (arXiv:1507.06228).
+    """Transform-gate biases, gate activity and outputs of highway layers (Srivastava 2015).
+
+    As in Fig. 2 of Srivastava, Greff & Schmidhuber 2015, "Training Very Deep Networks"
+    (arXiv:1507.06228).
 
     For every highway layer (skip blocks of kind ``highway``, fully connected or convolutional)
     and every unit: the transform-gate bias ``b_T``, the mean gate activity ``t`` over a dataset
