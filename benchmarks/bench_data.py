@@ -43,7 +43,6 @@ def _epoch(loader) -> None:
 
 def main(quick: bool = False) -> list[Row]:
     from skipnets.data import CIFAR10, GPUCIFAR10
-    from skipnets.data.gpu import _unchecked
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -52,7 +51,7 @@ def main(quick: bool = False) -> list[Row]:
         device_data.setup("fit")
         device_loader = device_data.train_dataloader()
         torchvision_data = CIFAR10(root=str(root), val_size=0, batch_size=BATCH)
-        dataset = _unchecked(torchvision_data.dataset_cls)(
+        dataset = torchvision_data.dataset_cls(
             str(root), train=True, transform=torchvision_data._transforms(train=True)
         )
         workers = torchvision_data.num_workers

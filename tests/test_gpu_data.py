@@ -4,6 +4,7 @@ and reshuffling, mid-epoch resume, a real two-process DDP run, and the speed-run
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -24,6 +25,16 @@ from skipnets.errors import ConfigError
 
 PADDING = 4
 COPIES = 3000
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These tests compare small runs, not speed; on a busy machine two threads spend most of
+    # their time waiting for each other (10x slower on a loaded 2-core box).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -245,6 +256,7 @@ def test_ddp_ranks_train_on_disjoint_shards(tmp_path: Path, cifar_root: Path) ->
     done = subprocess.run(
         [sys.executable, str(script), str(cifar_root), str(tmp_path)],
         cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
         timeout=300,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.utilities.data import _update_dataloader
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
@@ -15,6 +16,16 @@ from skipnets.data import Digits
 from skipnets.errors import ConfigError
 from skipnets.module import Classifier, TopKAccuracy
 from skipnets.nn import skip_blocks
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These tests compare small runs, not speed; on a busy machine two threads spend most of
+    # their time waiting for each other (10x slower on a loaded 2-core box).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +105,13 @@ class _Losses(L.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def _fit(model: Classifier, data: Digits, steps: int, *callbacks: L.Callback) -> list[float]:
+def _fit(
+    model: Classifier, data: Digits, steps: int, *callbacks: L.Callback, precision: str = "32"
+) -> list[float]:
     losses = _Losses()
     trainer = L.Trainer(
         max_steps=steps,
+        precision=precision,
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
@@ -110,18 +124,32 @@ def _fit(model: Classifier, data: Digits, steps: int, *callbacks: L.Callback) ->
     return losses.losses
 
 
-def test_channels_last_trains_like_the_default_layout() -> None:
-    runs = {}
-    for channels_last in (False, True):
-        torch.manual_seed(0)
-        model = Classifier(
-            "resnet20", num_classes=10, input_shape=(1, 8, 8), channels_last=channels_last
+def test_channels_last_computes_what_the_default_layout_computes() -> None:
+    torch.manual_seed(0)
+    plain = Classifier("resnet20", num_classes=10, input_shape=(1, 8, 8))
+    fast = Classifier("resnet20", num_classes=10, input_shape=(1, 8, 8), channels_last=True)
+    fast.load_state_dict(plain.state_dict())
+    fast.setup("fit")  # what Lightning calls before training
+    conv = fast.model.stem[0]
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    layouts = []
+    conv.register_forward_pre_hook(
+        lambda module, args: layouts.append(
+            args[0].is_contiguous(memory_format=torch.channels_last)
         )
-        runs[channels_last] = _fit(model, Digits(image_size=8, batch_size=32), 3)
-        if channels_last:
-            conv = model.model.stem[0].weight
-            assert conv.is_contiguous(memory_format=torch.channels_last)
-    assert runs[True] == pytest.approx(runs[False], rel=1e-4)
+    )
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    for model in (plain, fast):
+        F.cross_entropy(model(x), y).backward()
+    assert layouts == [True]  # the network converts its NCHW input itself
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    # And it trains through the Trainer, starting from the same loss.
+    torch.manual_seed(0)
+    losses = _fit(fast, Digits(image_size=8, batch_size=16), 2)
+    torch.manual_seed(0)
+    reference = _fit(plain, Digits(image_size=8, batch_size=16), 2)
+    assert losses[0] == pytest.approx(reference[0], rel=1e-5)
 
 
 class _ObserveStep(L.Callback):
@@ -169,6 +197,23 @@ def test_compiled_model_with_an_observer_matches_eager() -> None:
     assert len(eager_norms) == len(compiled_norms) == 3  # three skip blocks, observed once
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-5)
     assert compiled_norms == pytest.approx(eager_norms, rel=1e-5)
+
+
+def test_bf16_mixed_precision_trains_with_an_observer_attached() -> None:
+    runs = {}
+    for precision in ("32", "bf16-mixed"):
+        torch.manual_seed(0)
+        model = Classifier("resnet20", num_classes=10, input_shape=(1, 8, 8))
+        observer = _ObserveStep(step=0)
+        losses = _fit(model, Digits(image_size=8, batch_size=16), 2, observer, precision=precision)
+        runs[precision] = (losses, observer.norms)
+    (losses32, norms32), (losses16, norms16) = runs["32"], runs["bf16-mixed"]
+    assert len(norms16) == len(norms32) == 9
+    # bf16 keeps 8 bits of mantissa: the first step, from the same weights, agrees to a percent
+    # or so; after that the runs drift apart as any two runs do.
+    assert losses16[0] == pytest.approx(losses32[0], rel=0.02)
+    assert all(torch.isfinite(torch.tensor(losses16)))
+    assert [float(n) for n in norms16] == pytest.approx([float(n) for n in norms32], rel=0.05)
 
 
 def test_bad_fast_path_options_are_config_errors() -> None:

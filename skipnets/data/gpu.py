@@ -11,7 +11,6 @@ before normalisation, flip with probability one half).
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -77,22 +76,6 @@ def augment(
         inside &= xs < cx - low + cutout
         out = out.masked_fill(inside[:, None], 0.0)
     return out.contiguous()
-
-
-def _unchecked(dataset_cls: type) -> type:
-    """``dataset_cls`` without the MD5 check of CIFAR's label-names file, which torchvision
-    makes on every load: as for the data files (see ``vision._CIFAR10``), sums are checked when
-    downloading, so a user's own copy, or a test's tiny one, loads as it is."""
-    if not hasattr(dataset_cls, "_load_meta"):
-        return dataset_cls
-
-    def _load_meta(self: Any) -> None:
-        path = Path(self.root) / self.base_folder / self.meta["filename"]
-        with path.open("rb") as file:
-            self.classes = pickle.load(file, encoding="latin1")[self.meta["key"]]
-        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
-
-    return type(dataset_cls.__name__, (dataset_cls,), {"_load_meta": _load_meta})
 
 
 class _Epoch:
@@ -266,7 +249,7 @@ class GPUVisionData(DataModule):
         return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
 
     def _read(self, train: bool) -> tuple[Tensor, Tensor]:
-        dataset = _unchecked(self.source.dataset_cls)(str(self.root), train=train)
+        dataset = self.source.dataset_cls(str(self.root), train=train)
         images = torch.as_tensor(dataset.data)
         images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
         return images.contiguous(), torch.as_tensor(dataset.targets, dtype=torch.long)
