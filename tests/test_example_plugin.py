@@ -57,7 +57,8 @@ def test_fit_with_the_example_plugin(installed: Path, tmp_path: Path, skipnets_c
             """
         )
     )
-    result = skipnets_cli("fit", "--config", str(config), env={"PYTHONPATH": str(installed)})
+    env = {"PYTHONPATH": str(installed), "OMP_NUM_THREADS": "1"}  # a tiny MLP needs one thread
+    result = skipnets_cli("fit", "--config", str(config), env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     census = json.loads((tmp_path / "run" / "census" / "blocks.json").read_text())
     assert [b["name"] for b in census["blocks"]] == [f"model.blocks.{i}" for i in range(3)]

@@ -102,7 +102,8 @@ def test_plugins_command(extra_plugins: Path, capsys: pytest.CaptureFixture) -> 
 
 
 def test_short_and_full_class_paths(extra_plugins: Path, tmp_path: Path) -> None:
-    plugins.discover_plugins(refresh=True)
+    with pytest.warns(plugins.PluginLoadWarning):
+        plugins.discover_plugins(refresh=True)
     config = tmp_path / "config.yaml"
     config.write_text(
         textwrap.dedent(
@@ -128,7 +129,8 @@ def test_short_and_full_class_paths(extra_plugins: Path, tmp_path: Path) -> None
 
 
 def test_naming_a_broken_plugin_is_an_error(extra_plugins: Path, tmp_path: Path) -> None:
-    plugins.discover_plugins(refresh=True)
+    with pytest.warns(plugins.PluginLoadWarning):
+        plugins.discover_plugins(refresh=True)
     config = tmp_path / "broken.yaml"
     config.write_text("trainer:\n  callbacks:\n    - class_path: Broken\n")
     with pytest.raises(

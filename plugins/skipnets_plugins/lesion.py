@@ -5,6 +5,8 @@ Networks Behave Like Ensembles of Relatively Shallow Networks")."""
 from __future__ import annotations
 
 import csv
+import itertools
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import astuple, dataclass, fields
@@ -79,7 +81,7 @@ class Lesion(Callback):
             without shuffling or augmentation other than the loader's own).
         max_deletions: the largest ``k`` of the k-random-deletion curve (clipped to the number
             of blocks that can be lesioned); 0 leaves the curve out.
-        draws: random sets of blocks per ``k``.
+        draws: different random sets of blocks per ``k`` (every set, when there are fewer).
         swaps: also evaluate with each pair of adjacent same-shape blocks swapped.
         limit_batches: evaluate on at most this many batches per rank (None: the whole split).
         seed: seed of the random deletions.
@@ -186,9 +188,10 @@ class Lesion(Callback):
 
         generator = torch.Generator().manual_seed(self.seed)  # the same draws on every rank
         for k in range(1, min(self.max_deletions, len(lesionable)) + 1):
-            for draw in range(self.draws):
-                chosen = torch.randperm(len(lesionable), generator=generator)[:k].tolist()
-                indices = sorted(lesionable[j] for j in chosen)
+            for draw, chosen in enumerate(
+                _distinct_subsets(len(lesionable), k, self.draws, generator)
+            ):
+                indices = [lesionable[j] for j in chosen]
                 with _lesioned([blocks[i][1] for i in indices]):
                     record("delete", k, draw, indices, evaluate())
 
@@ -363,8 +366,9 @@ class Lesion(Callback):
         axes[0].set_title("single-block lesions")
         if deletions:
             ks = sorted({r.k for r in deletions})
-            acc = torch.tensor([[r.accuracy for r in deletions if r.k == k] for k in ks])
-            mean, std = acc.mean(1), acc.std(1) if acc.shape[1] > 1 else torch.zeros(len(ks))
+            per_k = [torch.tensor([r.accuracy for r in deletions if r.k == k]) for k in ks]
+            mean = [float(a.mean()) for a in per_k]
+            std = [float(a.std()) if len(a) > 1 else 0.0 for a in per_k]
             ax = axes[2]
             ax.errorbar(ks, mean, yerr=std, fmt="o-", ms=4, capsize=2, label="mean over draws")
             ax.axhline(base_acc, ls="--", color="k", lw=1, label="intact")
@@ -376,6 +380,20 @@ class Lesion(Callback):
         for ax in axes:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         figure.savefig(path, dpi=120)
+
+
+def _distinct_subsets(
+    n: int, k: int, draws: int, generator: torch.Generator
+) -> list[tuple[int, ...]]:
+    """``draws`` different random ``k``-subsets of ``range(n)``, sorted; all of them when
+    there are no more than ``draws``."""
+    if math.comb(n, k) <= draws:
+        return list(itertools.combinations(range(n), k))
+    subsets: dict[tuple[int, ...], None] = {}
+    while len(subsets) < draws:
+        subset = tuple(sorted(torch.randperm(n, generator=generator)[:k].tolist()))
+        subsets.setdefault(subset)
+    return list(subsets)
 
 
 @contextmanager
