@@ -141,7 +141,10 @@ def _load_entry_points() -> None:
         return
     _entry_points_loaded = True
     import skipnets.models  # noqa: F401 - the first-party zoo registers on import
+    from skipnets.plugins import autoload_enabled
 
+    if not autoload_enabled():  # SKIPNETS_NO_PLUGIN_AUTOLOAD: only the first-party zoo
+        return
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             loaded = ep.load()

@@ -116,3 +116,20 @@ def test_cifar_resnet_parameter_counts_match_the_paper(name, params):
     count = sum(p.numel() for p in model.parameters())
     # The paper rounds to two significant figures (three for 19.4M).
     assert abs(count - params) / params < 0.02, count
+
+
+def test_autoload_switch_keeps_third_party_models_out(monkeypatch, scratch_registry):
+    loaded = []
+
+    class FakeEntryPoint:
+        name, value = "third_party", "fake:register"
+
+        def load(self):
+            loaded.append(self.name)
+            return lambda: None
+
+    monkeypatch.setattr(registry.metadata, "entry_points", lambda group: [FakeEntryPoint()])
+    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    monkeypatch.setenv("SKIPNETS_NO_PLUGIN_AUTOLOAD", "1")
+    assert "resnet20" in skipnets.list_models()
+    assert loaded == []
