@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 
 from skipnets.errors import ConfigError
-from skipnets.nn import SkipBlock, activation
+from skipnets.nn import Highway, activation
 from skipnets.registry import ImageInput, Paper, register_model
 
 SRIVASTAVA_2015 = Paper(
@@ -26,32 +25,20 @@ SRIVASTAVA_2015 = Paper(
 )
 
 
-class HighwayConv(SkipBlock):
-    """A convolutional highway layer, written as a branch on a shortcut: ``x + t * (h - x)``.
-
-    While observed, the gate of the last forward is kept (detached) in ``last_gate``, one value
-    per sample, channel and position, for plotting gate activity.
-    """
-
-    kind = "highway"
+class HighwayConv(Highway):
+    """A convolutional highway layer; ``last_gate`` holds one gate value per sample, channel and
+    position while observed."""
 
     def __init__(
         self, channels: int, kernel_size: int = 3, act: str = "relu", gate_bias: float = -2.0
     ) -> None:
-        super().__init__()
         padding = kernel_size // 2
-        self.transform = nn.Conv2d(channels, channels, kernel_size, padding=padding)
-        self.gate = nn.Conv2d(channels, channels, kernel_size, padding=padding)
-        self.act = activation(act)
-        nn.init.constant_(self.gate.bias, gate_bias)
-        self.last_gate: Tensor | None = None
-
-    def branch(self, x: Tensor) -> Tensor:
-        h = self.act(self.transform(x))
-        t = torch.sigmoid(self.gate(x))
-        if self._observers:
-            self.last_gate = t.detach()
-        return t * (h - x)
+        super().__init__(
+            nn.Conv2d(channels, channels, kernel_size, padding=padding),
+            nn.Conv2d(channels, channels, kernel_size, padding=padding),
+            act,
+            gate_bias,
+        )
 
 
 class HighwayCNN(nn.Module):

@@ -2,6 +2,7 @@
 
 from skipnets.nn.blocks import (
     BasicBlock,
+    Highway,
     HighwayLinear,
     PadShortcut,
     PlainLinear,
@@ -14,6 +15,7 @@ from skipnets.nn.skip import Observer, SkipBlock, skip_blocks
 
 __all__ = [
     "BasicBlock",
+    "Highway",
     "HighwayLinear",
     "Observer",
     "PadShortcut",

@@ -73,21 +73,24 @@ class ResidualLinear(PlainLinear):
         return shortcut
 
 
-class HighwayLinear(SkipBlock):
+class Highway(SkipBlock):
     """A highway layer (Srivastava et al. 2015): ``y = t * h + (1 - t) * x``.
 
-    ``h = act(W_H x + b_H)`` and the transform gate ``t = sigmoid(W_T x + b_T)``. The gate bias
-    ``b_T`` starts negative (``gate_bias``, -1 to -3 in the paper) so that the layer begins close
-    to the identity. Written as a branch on a shortcut: ``y = x + t * (h - x)``. While observed,
-    the gate of the last forward is kept (detached) in ``last_gate`` for plotting.
+    ``h = act(transform(x))`` and the transform gate ``t = sigmoid(gate(x))``, where ``transform``
+    and ``gate`` are same-shape layers (linear or convolutional). The gate bias starts negative
+    (``gate_bias``, -1 to -3 in the paper) so that the layer begins close to the identity. Written
+    as a branch on a shortcut: ``y = x + t * (h - x)``. While observed, the gate of the last
+    forward is kept (detached) in ``last_gate`` for plotting gate activity.
     """
 
     kind = "highway"
 
-    def __init__(self, width: int, act: str = "relu", gate_bias: float = -2.0) -> None:
+    def __init__(
+        self, transform: nn.Module, gate: nn.Module, act: str = "relu", gate_bias: float = -2.0
+    ) -> None:
         super().__init__()
-        self.transform = nn.Linear(width, width)
-        self.gate = nn.Linear(width, width)
+        self.transform = transform
+        self.gate = gate
         self.act = activation(act)
         nn.init.constant_(self.gate.bias, gate_bias)
         self.last_gate: Tensor | None = None
@@ -98,6 +101,13 @@ class HighwayLinear(SkipBlock):
         if self._observers:
             self.last_gate = t.detach()
         return t * (h - x)
+
+
+class HighwayLinear(Highway):
+    """A fully connected highway layer of ``width`` units."""
+
+    def __init__(self, width: int, act: str = "relu", gate_bias: float = -2.0) -> None:
+        super().__init__(nn.Linear(width, width), nn.Linear(width, width), act, gate_bias)
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
