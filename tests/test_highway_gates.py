@@ -93,7 +93,7 @@ def test_fully_connected_gates_match_direct_computation(tmp_path):
             outputs[layer][3].tolist(), rel=1e-5, abs=1e-6
         )
         assert block.last_gate is None  # nothing kept after the scan
-    assert all(not block._observers for block in model.blocks)
+    assert all(not block.observed for block in model.blocks)
 
 
 class ConvNet(L.LightningModule):

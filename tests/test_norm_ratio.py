@@ -164,7 +164,7 @@ class Probe(Callback):
 
     def on_before_backward(self, trainer, pl_module, loss):
         # The probe's own observer is one; NormRatio's make it two.
-        self.attached.append(len(self.blocks[0]._observers) > 0)
+        self.attached.append(self.blocks[0].observed)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         gc.collect()
@@ -182,7 +182,7 @@ def test_observes_only_sampled_steps_and_keeps_no_activation(tmp_path):
     )
     assert probe.attached == [step % 3 == 0 for step in range(8)]
     assert probe.alive_after_step == [0] * 8
-    assert all(not block._observers for block in probe.blocks[:-1])
+    assert all(not block.observed for block in probe.blocks[:-1])
 
 
 def test_bad_arguments_and_models_are_config_errors(tmp_path):

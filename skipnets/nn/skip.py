@@ -97,6 +97,11 @@ class SkipBlock(nn.Module):
             )
         self._lesioned = bool(value)
 
+    @property
+    def observed(self) -> bool:
+        """Whether any observer is attached."""
+        return bool(self._observers)
+
     def observe(self, observer: Observer) -> RemovableHandle:
         """Call ``observer(block, x, branch_out)`` on every forward that runs the branch.
 
