@@ -9,8 +9,19 @@ from pathlib import Path
 
 import lightning.pytorch  # noqa: F401 - its log handler must bind to the session's stderr, not a test's
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    # The suite trains tiny models: one thread is as fast as two for them, and much faster when
+    # the two cores are busy. Subprocesses (the real CLI) keep torch's default.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

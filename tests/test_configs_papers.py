@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from datagen import write_cifar10, write_image_folder
 
@@ -33,12 +32,8 @@ WARMED_UP = {"resnet110_cifar10", "preact_resnet164_cifar10"}
 
 
 @pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
+def _argv(monkeypatch):
     monkeypatch.setattr("sys.argv", ["skipnets"])  # the command line is the one given to main()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def load(name: str) -> dict:

@@ -215,7 +215,11 @@ def test_every_subcommand_checks_its_checkpoint(
 def test_an_unsafe_checkpoint_loads_when_trusted(good_checkpoint: Path, tmp_path: Path) -> None:
     trusted = _bad("pickle", good_checkpoint, tmp_path)
     options = RUN[1:]
-    args = [f"--ckpt_path={trusted}", "--weights_only=false", f"--trainer.default_root_dir={tmp_path}"]
+    args = [
+        f"--ckpt_path={trusted}",
+        "--weights_only=false",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
     assert main(["validate", *options, *args]) == 0
 
 

@@ -27,16 +27,6 @@ PADDING = 4
 COPIES = 3000
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tests compare small runs, not speed; on a busy machine two threads spend most of
-    # their time waiting for each other (10x slower on a loaded 2-core box).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_cifar10(tmp_path_factory.mktemp("cifar"), per_batch=12, test_size=10)

@@ -41,23 +41,17 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     three epochs each on 8x8 digits, lesioned after fit."""
     root = tmp_path_factory.mktemp("lesion")
     runs = {}
-    threads = torch.get_num_threads()
-    # Convolutions on 8x8 images gain nothing from more threads, and lose much on a busy machine.
-    torch.set_num_threads(1)
-    try:
-        for name, arch_kwargs in (("residual", {}), ("plain", {"shortcut": "none"})):
-            L.seed_everything(0)
-            data = Digits(image_size=8, batch_size=64)
-            model = Classifier(
-                "resnet20", arch_kwargs, num_classes=10, input_shape=data.input_shape, optimizer=SGD
-            )
-            lesion = Lesion(max_deletions=3, draws=2, swaps=True)
-            trainer = quiet_trainer(root / name, [lesion], max_epochs=3)
-            trainer.fit(model, data)
-            trainer.save_checkpoint(root / f"{name}.ckpt")
-            runs[name] = {"model": model, "data": data, "lesion": lesion, "trainer": trainer}
-    finally:
-        torch.set_num_threads(threads)
+    for name, arch_kwargs in (("residual", {}), ("plain", {"shortcut": "none"})):
+        L.seed_everything(0)
+        data = Digits(image_size=8, batch_size=64)
+        model = Classifier(
+            "resnet20", arch_kwargs, num_classes=10, input_shape=data.input_shape, optimizer=SGD
+        )
+        lesion = Lesion(max_deletions=3, draws=2, swaps=True)
+        trainer = quiet_trainer(root / name, [lesion], max_epochs=3)
+        trainer.fit(model, data)
+        trainer.save_checkpoint(root / f"{name}.ckpt")
+        runs[name] = {"model": model, "data": data, "lesion": lesion, "trainer": trainer}
     runs["root"] = root
     return runs
 

@@ -147,7 +147,7 @@ def test_ratio_and_cosine_match_direct_computation(tmp_path):
     assert step0[3]["cosine"] == "nan"
 
 
-class Probe(Callback):
+class ObserverProbe(Callback):
     """Sees each block's tensors through its own observer and checks what outlives the step."""
 
     def __init__(self) -> None:
@@ -175,7 +175,7 @@ class Probe(Callback):
 def test_observes_only_sampled_steps_and_keeps_no_activation(tmp_path):
     torch.manual_seed(0)
     module = Net(tiny_resnet())
-    probe = Probe()
+    probe = ObserverProbe()
     # NormRatio first: its on_train_batch_end has released everything when the probe looks.
     trainer(tmp_path, [NormRatio(every_n_steps=3, cosine=True), probe], epochs=2).fit(
         module, datamodule=Data(n=64)

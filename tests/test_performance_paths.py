@@ -18,16 +18,6 @@ from skipnets.module import Classifier, TopKAccuracy
 from skipnets.nn import skip_blocks
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tests compare small runs, not speed; on a busy machine two threads spend most of
-    # their time waiting for each other (10x slower on a loaded 2-core box).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits() -> Digits:
     data = Digits(image_size=None, batch_size=100, seed=3)

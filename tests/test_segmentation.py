@@ -15,14 +15,6 @@ from skipnets.nn import skip_blocks
 from skipnets.segmentation import Segmenter
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_unet_sizes_follow_the_paper():
     info = model_info("unet")
     assert info.task == "segmentation" and info.has_skip

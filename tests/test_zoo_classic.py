@@ -46,15 +46,6 @@ ROOT = Path(__file__).resolve().parents[1]
 BIG = {"alexnet", "alexnet_tv", "zfnet"} | {n for n in CLASSIC if n.startswith("vgg")}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small convolutions run faster on one thread than on a few oversubscribed ones.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _paper_input(name: str, batch: int = 2) -> torch.Tensor:
     spec = model_info(name).input
     return torch.randn(batch, spec.channels, spec.size, spec.size)

@@ -19,15 +19,6 @@ from skipnets.nn import skip_blocks
 from skipnets.registry import create_model, list_models, model_info
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small ops on a shared machine: one thread is faster than several fighting for the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def meta_params(name: str, **kwargs) -> int:
     with torch.device("meta"):
         return sum(p.numel() for p in create_model(name, **kwargs).parameters())
