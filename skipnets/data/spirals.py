@@ -11,7 +11,9 @@ from skipnets.data.base import DataModule
 from skipnets.errors import ConfigError
 
 
-def two_spirals(points_per_spiral: int = 97, offset: float = 0.0, noise: float = 0.0, seed: int = 0):
+def two_spirals(
+    points_per_spiral: int = 97, offset: float = 0.0, noise: float = 0.0, seed: int = 0
+):
     """The benchmark's points: spiral ``i`` at angle ``i * pi / 16`` and radius
     ``6.5 * (104 - i) / 104``, three turns; the second spiral is the first rotated by 180
     degrees. ``offset`` shifts ``i`` (0.5 gives the points between the training points)."""
