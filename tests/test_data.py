@@ -4,8 +4,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from datagen import write_cifar10, write_cifar100
 
-from skipnets.data import MNIST, Digits, TwoSpirals, two_spirals
+from skipnets.data import CIFAR10, CIFAR100, MNIST, Digits, TwoSpirals, two_spirals
 from skipnets.errors import ConfigError
 
 
@@ -102,3 +103,22 @@ def test_digits_shifted_copies_grow_only_the_training_split():
     torch.testing.assert_close(moved[:, :, :7, :7], x[:, :, 1:, 1:])
     assert torch.all(moved[:, :, 7, :] == background)
     torch.testing.assert_close(shifted.test_set.tensors[0], plain.test_set.tensors[0])
+
+
+@pytest.mark.parametrize(
+    ("module", "write", "classes"), [(CIFAR10, write_cifar10, 10), (CIFAR100, write_cifar100, 100)]
+)
+def test_cifar_loads_the_python_version_files(tmp_path, module, write, classes):
+    write(tmp_path)
+    data = module(
+        root=str(tmp_path), val_size=5, batch_size=4, num_workers=0, padding_mode="reflect"
+    )
+    data.setup("fit")
+    assert data.num_classes == classes and data.input_shape == (3, 32, 32)
+    assert len(data.val_set) == 5 and len(data.test_set) == 10
+    x, y = next(iter(data.train_dataloader()))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and int(y.max()) < classes
+    # validation images are not augmented: the same image twice is the same tensor
+    torch.testing.assert_close(data.val_set[0][0], data.val_set[0][0])
+    with pytest.raises(ConfigError, match="padding_mode"):
+        module(root=str(tmp_path), padding_mode="wrap")
