@@ -25,12 +25,18 @@ def _one_thread():
 
 
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     # No test may reach W&B's servers; runs go offline, as they do for a user without credentials.
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.delenv("SKIPNETS_DEBUG", raising=False)
+    yield
+    # W&B keeps process-wide settings (the mode among them) from the first run in a process; a
+    # test that ran W&B in process must not decide how the next one's run is set up.
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is None:
+        wandb.teardown()
 
 
 def run_skipnets(

@@ -9,14 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.loggers import WandbLogger
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from skipnets.runs import run_dir
+from skipnets.runs import log_figure, log_table, run_dir
 
-__all__ = ["log_image", "log_table", "new_figure", "output_dir", "save_figure", "write_csv"]
+__all__ = ["log_images", "log_rows", "new_figure", "output_dir", "save_figure", "write_csv"]
 
 
 def output_dir(trainer: L.Trainer, plugin: str) -> Path:
@@ -37,14 +36,13 @@ def new_figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.0,
 def save_figure(trainer: L.Trainer, fig: Figure, path: Path, key: str, dpi: int = 110) -> Path:
     """Write ``fig`` as PNG and log it to the logger under ``key``."""
     fig.savefig(path, dpi=dpi)
-    log_image(trainer, key, [path])
+    log_figure(trainer, key, path)
     return path
 
 
-def log_image(trainer: L.Trainer, key: str, paths: Sequence[Path]) -> None:
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            logger.log_image(key=key, images=[str(p) for p in paths])
+def log_images(trainer: L.Trainer, key: str, paths: Sequence[Path]) -> None:
+    for path in paths:
+        log_figure(trainer, key, path)
 
 
 def write_csv(path: Path, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> Path:
@@ -55,14 +53,10 @@ def write_csv(path: Path, columns: Sequence[str], rows: Iterable[dict[str, Any]]
     return path
 
 
-def log_table(
+def log_rows(
     trainer: L.Trainer, key: str, columns: Sequence[str], rows: Sequence[dict[str, Any]]
 ) -> None:
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            logger.log_table(
-                key=key, columns=list(columns), data=[[r[c] for c in columns] for r in rows]
-            )
+    log_table(trainer, key, [[r[c] for c in columns] for r in rows], columns=columns)
 
 
 def mark_stages(ax: Axes, stages: Sequence[int], offset: float = 0.0) -> None:

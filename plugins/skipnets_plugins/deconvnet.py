@@ -21,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 from skipnets.errors import ConfigError
 from skipnets.nn import SkipBlock, skip_blocks
 from skipnets_plugins._data import Split, check_split, inputs_of, shard_loader, split_dataset
-from skipnets_plugins._plotting import log_image, new_figure, output_dir, write_csv
+from skipnets_plugins._plotting import log_images, new_figure, output_dir, write_csv
 
 Method = Literal["deconvnet", "guided_backprop"]
 METHODS = ("deconvnet", "guided_backprop")
@@ -515,7 +515,7 @@ class DeconvNet(Callback):
                 written.append(path)
 
         csv_path = write_csv(folder / "top_activations.csv", COLUMNS, self.rows)
-        log_image(trainer, "deconvnet/figures", written)
+        log_images(trainer, "deconvnet/figures", written)
         return [str(p) for p in [*written, csv_path]]
 
     def _pick_channels(self, values: Tensor) -> list[int]:

@@ -17,7 +17,7 @@ from torch import nn
 from skipnets.errors import ConfigError
 from skipnets.nn import SkipBlock
 from skipnets_plugins._plotting import (
-    log_table,
+    log_rows,
     mark_stages,
     new_figure,
     output_dir,
@@ -142,7 +142,7 @@ class GradientFlow(Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero and self.rows:
-            log_table(trainer, "gradient_flow/table", COLUMNS, self.rows)
+            log_rows(trainer, "gradient_flow/table", COLUMNS, self.rows)
 
 
 def _sum_sq(tensors: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torch import Tensor
 from skipnets.errors import ConfigError
 from skipnets.nn import SkipBlock, skip_blocks
 from skipnets_plugins._data import Split, check_split, inputs_of, shard_loader, split_dataset
-from skipnets_plugins._plotting import log_table, new_figure, output_dir, save_figure, write_csv
+from skipnets_plugins._plotting import log_rows, new_figure, output_dir, save_figure, write_csv
 
 COLUMNS = (
     "epoch",
@@ -130,7 +130,7 @@ class HighwayGates(Callback):
         if self._measured_step != trainer.global_step:  # trained since the last measurement
             self.measure(trainer, pl_module, epoch=self._last_epoch)
         if trainer.is_global_zero and self.rows:
-            log_table(trainer, "highway_gates/table", COLUMNS, self.rows)
+            log_rows(trainer, "highway_gates/table", COLUMNS, self.rows)
 
     @torch.no_grad()
     def measure(

@@ -16,7 +16,6 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
@@ -24,7 +23,7 @@ from torch.utils.data import DataLoader, Subset
 
 from skipnets.errors import ConfigError
 from skipnets.nn import SkipBlock, skip_blocks
-from skipnets.runs import run_dir
+from skipnets.runs import log_figure, log_table, run_dir
 
 __all__ = ["Lesion", "LesionResult"]
 
@@ -317,13 +316,10 @@ class Lesion(Callback):
             summary["lesion/single_min_acc"] = worst.accuracy
         for logger in trainer.loggers:
             logger.log_metrics(summary, step=trainer.global_step)
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key="lesion/plot", images=[str(directory / "lesion.png")])
-                logger.log_table(
-                    key="lesion/table",
-                    columns=COLUMNS,
-                    data=[list(astuple(r)) for r in self.results],
-                )
+        log_figure(trainer, "lesion/plot", directory / "lesion.png")
+        log_table(
+            trainer, "lesion/table", [list(astuple(r)) for r in self.results], columns=COLUMNS
+        )
         lines = [f"Lesion study on the {self.split} split: baseline accuracy {base_acc:.4f}"]
         if singles:
             lines.append(

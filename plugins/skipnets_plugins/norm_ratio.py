@@ -22,7 +22,7 @@ from torch.utils.hooks import RemovableHandle
 from skipnets.errors import ConfigError
 from skipnets.nn import SkipBlock, skip_blocks
 from skipnets_plugins._plotting import (
-    log_table,
+    log_rows,
     mark_stages,
     new_figure,
     output_dir,
@@ -143,7 +143,7 @@ class NormRatio(Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero and self.rows:
-            log_table(trainer, "norm_ratio/table", COLUMNS, self.rows)
+            log_rows(trainer, "norm_ratio/table", COLUMNS, self.rows)
 
     # -- validation --------------------------------------------------------------------------
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
