@@ -151,27 +151,7 @@ there, and any `skipnets validate` option applies (`skipnets validate --help`). 
 
 
 def _lesion_command(args: list[str]) -> int:
-    if not args or args[0] in ("-h", "--help"):
-        print(LESION_USAGE, end="", file=sys.stdout if args else sys.stderr)
-        return 0 if args else USER_ERROR
-
-    from skipnets.errors import ConfigError
-    from skipnets.lightning_cli import SkipnetsCLI
-    from skipnets.plugins import load_plugin
-
-    lesion = load_plugin("Lesion")
-
-    class LesionCLI(SkipnetsCLI):
-        def before_validate(self) -> None:
-            ckpt_path = self.config.validate.get("ckpt_path")
-            if not ckpt_path:
-                raise ConfigError("skipnets lesion needs --ckpt_path: a checkpoint of the model")
-            # SkipnetsCLI has checked that the checkpoint fits the model before this hook.
-            if not any(isinstance(callback, lesion) for callback in self.trainer.callbacks):
-                self.trainer.callbacks.append(lesion())
-
-    LesionCLI(args=["validate", *args])
-    return 0
+    return _validate_with_plugin("lesion", "Lesion", LESION_USAGE, args)
 
 
 DECONVNET_USAGE = """usage: skipnets deconvnet --config CONFIG --ckpt_path CHECKPOINT [--key=value ...]
@@ -186,34 +166,34 @@ trainer.callbacks when a DeconvNet is listed there. Figures go to
 
 
 def _deconvnet_command(args: list[str]) -> int:
+    return _validate_with_plugin("deconvnet", "DeconvNet", DECONVNET_USAGE, args)
+
+
+def _validate_with_plugin(command: str, plugin: str, usage: str, args: list[str]) -> int:
+    """``skipnets validate`` on a checkpoint with ``plugin`` added, unless the config lists it
+    in trainer.callbacks (then its settings come from there). SkipnetsCLI has checked that the
+    checkpoint fits the model before ``before_validate`` runs."""
     if not args or args[0] in ("-h", "--help"):
-        print(DECONVNET_USAGE, end="", file=sys.stdout if args else sys.stderr)
+        print(usage, end="", file=sys.stdout if args else sys.stderr)
         return 0 if args else USER_ERROR
 
     from skipnets.errors import ConfigError
     from skipnets.lightning_cli import SkipnetsCLI
     from skipnets.plugins import load_plugin
 
-    deconvnet = load_plugin("DeconvNet")
+    callback = load_plugin(plugin)
 
-    class DeconvNetCLI(SkipnetsCLI):
+    class PluginCLI(SkipnetsCLI):
         def before_validate(self) -> None:
-            ckpt_path = self.config.validate.get("ckpt_path")
-            if not ckpt_path:
-                raise ConfigError("skipnets deconvnet needs --ckpt_path: a checkpoint of the model")
-            check_checkpoint(ckpt_path, self.model)
-            if not any(isinstance(callback, deconvnet) for callback in self.trainer.callbacks):
-                self.trainer.callbacks.append(deconvnet())
+            if not self.config.validate.get("ckpt_path"):
+                raise ConfigError(
+                    f"skipnets {command} needs --ckpt_path: a checkpoint of the model"
+                )
+            if not any(isinstance(c, callback) for c in self.trainer.callbacks):
+                self.trainer.callbacks.append(callback())
 
-    DeconvNetCLI(args=["validate", *args])
+    PluginCLI(args=["validate", *args])
     return 0
-
-
-def check_checkpoint(path: str, model: object) -> None:
-    """Raise ``ConfigError`` unless ``path`` is a checkpoint whose weights fit ``model``."""
-    from skipnets.safety import check_checkpoint as check
-
-    check(path, model, weights_only=False)
 
 
 def _first_author(authors: str) -> str:
