@@ -10,13 +10,16 @@ from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
 
+from skipnets.allocator import keep_freed_memory
 from skipnets.data import DataModule
 from skipnets.errors import ConfigError
 from skipnets.module import Classifier
 from skipnets.plugins import check_config_names, discover_plugins
+from skipnets.progress import TimedProgressBar
 from skipnets.runs import run_dir, wandb_has_credentials, wandb_run_info, write_run_record
 from skipnets.safety import (
     DEFAULT_LAST_EVERY_N_STEPS,
@@ -56,6 +59,7 @@ class SaveRunConfig(SaveConfigCallback):
 
 class SkipnetsCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
+        keep_freed_memory()
         # Plugins are imported before parsing, so that a config can name them by class name.
         discover_plugins()
         check_config_names(sys.argv[1:] if args is None else args)
@@ -184,14 +188,30 @@ def _add_safety_arguments(parser: LightningArgumentParser) -> None:
 
 def _core_callbacks(config: Any) -> list[Any]:
     """The callbacks every run gets, on top of the config's own: the best checkpoint by
-    validation accuracy, a fresh last.ckpt, the resume state, the non-finite loss stop."""
+    validation accuracy, a fresh last.ckpt, the resume state, the non-finite loss stop, and a
+    progress bar that redraws on time (unless the config names its own)."""
     callbacks: list[Any] = [RunState()]
     if config.trainer.get("enable_checkpointing") is not False:
         every = config.get("last_checkpoint_every_n_steps", DEFAULT_LAST_EVERY_N_STEPS)
         callbacks[:0] = [ModelCheckpoint(monitor="val/acc", mode="max"), LastCheckpoint(every)]
     if config.get("stop_on_nonfinite_loss", True):
         callbacks.append(NonFiniteLossStop())
+    if config.trainer.get("enable_progress_bar") is not False and not _names_progress_bar(config):
+        callbacks.append(TimedProgressBar())
     return callbacks
+
+
+def _names_progress_bar(config: Any) -> bool:
+    # The class paths are complete once parsed (short names resolved) and importable.
+    import importlib
+
+    callbacks = config.trainer.get("callbacks") or []
+    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+        module, _, name = str(getattr(callback, "class_path", "")).rpartition(".")
+        cls = getattr(importlib.import_module(module), name, None) if module else None
+        if isinstance(cls, type) and issubclass(cls, LightningProgressBar):
+            return True
+    return False
 
 
 def _prepare_resume(config: Any, subcommand: str | None) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Literal
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -41,8 +41,9 @@ class Segmenter(Classifier):
         arch: registered segmentation model (``skipnets models`` lists them; task
             "segmentation").
         arch_kwargs, num_classes, input_shape, label_smoothing, weight_decay_norm_and_bias,
-        optimizer, lr_scheduler, channels_last, compile: as for ``Classifier``; ``num_classes``
-            and ``input_shape`` are linked from the data module by the CLI.
+        optimizer, lr_scheduler, channels_last, compile, lr_scheduler_interval: as for
+            ``Classifier``; ``num_classes`` and ``input_shape`` are linked from the data module
+            by the CLI.
     """
 
     def __init__(
@@ -57,6 +58,7 @@ class Segmenter(Classifier):
         lr_scheduler: dict[str, Any] | None = None,
         channels_last: bool = False,
         compile: bool | dict[str, Any] = False,
+        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
     ) -> None:
         info = model_info(arch)
         if info.task != "segmentation":
@@ -77,6 +79,7 @@ class Segmenter(Classifier):
             lr_scheduler=lr_scheduler,
             channels_last=channels_last,
             compile=compile,
+            lr_scheduler_interval=lr_scheduler_interval,
         )
 
     @staticmethod
@@ -98,9 +101,7 @@ class Segmenter(Classifier):
         target = _crop_to(target, logits)
         loss = F.cross_entropy(logits, target, label_smoothing=self.hparams.label_smoothing)
         self.metrics[f"{split}_"].update(logits.detach().argmax(dim=1), target)
-        if split == "train":
-            self.log("train/loss", loss, prog_bar=True)
-        else:
+        if split != "train":
             self.losses[f"{split}_"].update(loss.detach(), weight=target.numel())
         return loss
 

@@ -109,3 +109,52 @@ def test_warmup_multistep_schedule():
     assert resumed.milestones == [3, 5] and resumed.last_epoch == 7
     with pytest.raises(ConfigError):
         WarmupMultiStepLR(optimizer, milestones=[1], warmup_factor=0.0)
+
+
+class _LearningRates(L.Callback):
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+ONE_CYCLE = {"class_path": "torch.optim.lr_scheduler.OneCycleLR", "init_args": {"max_lr": 0.5}}
+
+
+@pytest.mark.parametrize(("interval", "total"), [("step", 8), ("epoch", 2)])
+def test_one_cycle_gets_the_runs_length_and_steps_at_the_interval(interval, total):
+    data = Digits(image_size=None, batch_size=64)
+    model = Classifier(
+        arch="plain_mlp",
+        arch_kwargs={"depth": 2, "width": 16},
+        num_classes=10,
+        input_shape=data.input_shape,
+        lr_scheduler=ONE_CYCLE,
+        lr_scheduler_interval=interval,
+    )
+    rates = _LearningRates()
+    trainer = _trainer(max_epochs=2, limit_train_batches=4, limit_val_batches=1, callbacks=[rates])
+    trainer.fit(model, datamodule=data)
+    (config,) = trainer.lr_scheduler_configs
+    assert config.interval == interval and config.scheduler.total_steps == total
+    first_epoch = rates.rates[:4]
+    if interval == "step":  # a new rate at every step
+        assert len(set(first_epoch)) == 4
+    else:
+        assert len(set(first_epoch)) == 1 and rates.rates[4] != rates.rates[0]
+
+
+def test_scheduler_interval_errors_are_config_errors():
+    with pytest.raises(ConfigError, match="'epoch' or 'step'"):
+        Classifier(arch="plain_mlp", lr_scheduler_interval="batch")
+    data = Digits(image_size=None, batch_size=64)
+    plateau = Classifier(
+        arch="plain_mlp",
+        num_classes=10,
+        input_shape=data.input_shape,
+        lr_scheduler={"class_path": "torch.optim.lr_scheduler.ReduceLROnPlateau"},
+        lr_scheduler_interval="step",
+    )
+    with pytest.raises(ConfigError, match="ReduceLROnPlateau"):
+        _trainer(max_steps=2).fit(plateau, datamodule=data)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -166,7 +167,9 @@ def _bad(kind: str, good: Path, folder: Path) -> Path:
         data = good.read_bytes()
         path.write_bytes(data[: len(data) // 2])
     elif kind == "garbage":
-        path.write_bytes(os.urandom(4096))
+        path.write_bytes(random.Random(0).randbytes(4096))
+    elif kind == "damaged-pickle":  # a pickle that refers to an object it never stored
+        path.write_bytes(b"\x80\x02h\x34" + bytes(100))
     elif kind == "not-lightning":
         torch.save({"weights": torch.zeros(3)}, path)
     elif kind == "pickle":
@@ -181,6 +184,7 @@ def _bad(kind: str, good: Path, folder: Path) -> Path:
     [
         ("truncated", "not a readable checkpoint"),
         ("garbage", "not a readable checkpoint"),
+        ("damaged-pickle", "not a readable checkpoint"),
         ("not-lightning", "not a Lightning checkpoint"),
         ("pickle", "--weights_only false"),
         ("missing", "no checkpoint at"),

@@ -69,6 +69,17 @@ class DataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, shuffle=False)
 
+    def transfer_batch_to_device(
+        self, batch: Any, device: torch.device, dataloader_idx: int
+    ) -> Any:
+        # A batch already on the device (CPU training, the GPU-resident modules) is handed on as
+        # it is, without Lightning's walk over the batch.
+        if isinstance(batch, (tuple, list)) and all(
+            isinstance(item, Tensor) and item.device == device for item in batch
+        ):
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
 
 class InMemoryDataset(TensorDataset):
     """Tensors in memory, fetched a whole batch at a time.

@@ -44,11 +44,13 @@ class PlainLinear(SkipBlock):
     def __init__(self, width: int, act: str = "relu", norm: bool = False) -> None:
         super().__init__()
         self.linear = nn.Linear(width, width, bias=not norm)
-        self.norm = nn.BatchNorm1d(width) if norm else nn.Identity()
+        # None rather than nn.Identity: a module call per layer is a visible cost in deep MLPs.
+        self.norm = nn.BatchNorm1d(width) if norm else None
         self.act = activation(act)
 
     def branch(self, x: Tensor) -> Tensor:
-        return self.act(self.norm(self.linear(x)))
+        h = self.linear(x)
+        return self.act(h if self.norm is None else self.norm(h))
 
     def combine(self, shortcut: Tensor, branch: Tensor) -> Tensor:
         return branch

@@ -1,0 +1,159 @@
+"""What the per-step savings of ``skipnets fit`` keep intact: the logged training loss, the
+progress bar, batches already on the device, and the allocator setting."""
+
+from __future__ import annotations
+
+import csv
+import re
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
+
+from skipnets.data import Digits
+from skipnets.errors import ConfigError
+from skipnets.lightning_cli import SkipnetsCLI
+from skipnets.module import Classifier
+from skipnets.progress import TimedProgressBar
+
+
+class _StepLosses(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def _classifier(data: Digits) -> Classifier:
+    return Classifier(
+        "plain_mlp",
+        arch_kwargs={"depth": 3, "width": 32},
+        num_classes=data.num_classes,
+        input_shape=data.input_shape,
+        optimizer={"class_path": "torch.optim.SGD", "init_args": {"lr": 0.05}},
+    )
+
+
+def test_train_loss_is_the_mean_over_the_steps_since_it_was_last_logged(tmp_path):
+    torch.manual_seed(0)
+    data = Digits(image_size=None, batch_size=32)
+    steps = _StepLosses()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=8,
+        limit_train_batches=5,  # epochs end after steps 4 and (never reached) 9
+        limit_val_batches=0,
+        log_every_n_steps=3,
+        logger=CSVLogger(tmp_path, name="run"),
+        callbacks=[steps],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(_classifier(data), datamodule=data)
+    losses = steps.losses
+    assert len(losses) == 8
+    with open(next(tmp_path.rglob("metrics.csv"))) as file:
+        rows = list(csv.DictReader(file))
+    logged = {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+    # Written every 3 steps: steps 0-2, then 5 alone (the epoch ended after step 4, whose
+    # last batch took the mean of steps 3-4 for the progress bar and callbacks).
+    assert logged.keys() == {2, 5}
+    assert logged[2] == pytest.approx(sum(losses[0:3]) / 3, rel=1e-5)
+    assert logged[5] == pytest.approx(losses[5], rel=1e-5)
+    # The run's last step logs the mean of the steps after the last write.
+    final = float(trainer.callback_metrics["train/loss"])
+    assert final == pytest.approx((losses[6] + losses[7]) / 2, rel=1e-5)
+
+
+def _counts_shown(capsys, refresh_interval: float) -> set[int]:
+    """The batch counts the training bar showed over one epoch of 12 batches."""
+    torch.manual_seed(0)
+    data = Digits(image_size=None, batch_size=32)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=12,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[TimedProgressBar(refresh_interval=refresh_interval)],
+    )
+    capsys.readouterr()
+    trainer.fit(_classifier(data), datamodule=data)
+    captured = capsys.readouterr()
+    return {int(n) for n in re.findall(r"Epoch 0: .*?\| (\d+)/12 ", captured.out + captured.err)}
+
+
+def test_progress_bar_redraws_on_time_and_at_the_last_batch(capsys):
+    assert _counts_shown(capsys, refresh_interval=0.0) == set(range(13))
+    # Before the first batch, the first batch (nothing drawn yet), and the last batch.
+    assert _counts_shown(capsys, refresh_interval=3600.0) == {0, 1, 12}
+    with pytest.raises(ConfigError, match="refresh_interval"):
+        TimedProgressBar(refresh_interval=-1)
+
+
+def _cli(tmp_path, *args: str) -> SkipnetsCLI:
+    return SkipnetsCLI(
+        args=[
+            "--model=Classifier",
+            "--data=Digits",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            *args,
+        ],
+        run=False,
+    )
+
+
+def test_cli_runs_get_the_timed_progress_bar_unless_the_config_names_one(tmp_path):
+    assert type(_cli(tmp_path).trainer.progress_bar_callback) is TimedProgressBar
+    own = _cli(tmp_path, "--trainer.callbacks+=TQDMProgressBar")
+    assert type(own.trainer.progress_bar_callback) is TQDMProgressBar
+    assert sum(isinstance(c, TQDMProgressBar) for c in own.trainer.callbacks) == 1
+    off = _cli(tmp_path, "--trainer.enable_progress_bar=false")
+    assert off.trainer.progress_bar_callback is None
+
+
+def test_batches_already_on_the_device_are_handed_on_as_they_are():
+    data = Digits(image_size=None)
+    batch = (torch.zeros(2, 64), torch.zeros(2, dtype=torch.long))
+    assert data.transfer_batch_to_device(batch, torch.device("cpu"), 0) is batch
+    moved = data.transfer_batch_to_device({"x": batch[0]}, torch.device("cpu"), 0)
+    assert torch.equal(moved["x"], batch[0])
+
+
+_ALLOCATOR = "from skipnets.allocator import keep_freed_memory as k; print(k())"
+
+
+def _allocator_setting(**env: str) -> str:
+    import os
+
+    environment = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD", "SKIPNETS_SYSTEM"))
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", _ALLOCATOR],
+        env={**environment, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return result.stdout.strip()
+
+
+def test_allocator_setting_applies_on_glibc_and_yields_to_the_users_choice():
+    import os
+
+    glibc = sys.platform == "linux" and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    assert _allocator_setting() == str(glibc)
+    assert _allocator_setting(SKIPNETS_SYSTEM_MALLOC="1") == "False"
+    assert _allocator_setting(MALLOC_TRIM_THRESHOLD_="131072") == "False"
