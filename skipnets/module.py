@@ -82,7 +82,7 @@ class Classifier(L.LightningModule):
     A network with auxiliary classifiers exposes ``aux_loss(targets)``, the auxiliary loss of
     its last forward; it is added to the training loss (GoogLeNet with ``aux_logits: true``).
 
-    Logged: ``train/loss``, the mean training loss over the steps since it was last logged, on
+    Logged: ``train/loss``, the mean training loss over the batches since it was last logged, on
     the steps the loggers write (every ``trainer.log_every_n_steps``), at the last batch of each
     epoch and at the last step of the run. The loss is summed on the device every step and
     handed to Lightning's ``self.log`` (a fraction of a millisecond per call) only on those
@@ -199,31 +199,30 @@ class Classifier(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss = self._step(batch, "train")
-        self._log_train_loss(loss)
+        self._log_train_loss(loss, batch_idx)
         return loss
 
-    def _log_train_loss(self, loss: Tensor) -> None:
+    def _log_train_loss(self, loss: Tensor, batch_idx: int) -> None:
         # Summed on the device (no host sync), logged only when someone reads it.
         loss = loss.detach()
         total = self._train_loss_sum
         self._train_loss_sum = loss.clone() if total is None else total.add_(loss)
         self._train_loss_steps += 1
-        if self._train_loss_due():
+        if self._train_loss_due(batch_idx):
             self.log("train/loss", self._train_loss_sum / self._train_loss_steps, prog_bar=True)
             self._train_loss_sum, self._train_loss_steps = None, 0
 
-    def _train_loss_due(self) -> bool:
+    def _train_loss_due(self, batch_idx: int) -> bool:
         trainer = self._trainer
         if trainer is None:  # called outside a Trainer: nothing reads the log
             return False
+        if trainer.is_last_batch or trainer.should_stop:
+            return True
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return False  # gradients still accumulating: the optimizer step is not done
         step = trainer.global_step + 1  # the optimizer step this batch completes
         every = trainer.log_every_n_steps
-        return (
-            (every > 0 and step % every == 0)
-            or trainer.is_last_batch
-            or (trainer.max_steps > 0 and step >= trainer.max_steps)
-            or trainer.should_stop
-        )
+        return (every > 0 and step % every == 0) or 0 < trainer.max_steps <= step
 
     def on_train_epoch_start(self) -> None:
         self._train_loss_sum, self._train_loss_steps = None, 0

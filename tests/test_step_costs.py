@@ -26,7 +26,8 @@ class _StepLosses(L.Callback):
         self.losses: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(outputs["loss"]))
+        # Lightning hands on the loss divided by the accumulation count.
+        self.losses.append(float(outputs["loss"]) * trainer.accumulate_grad_batches)
 
 
 def _classifier(data: Digits) -> Classifier:
@@ -69,6 +70,31 @@ def test_train_loss_is_the_mean_over_the_steps_since_it_was_last_logged(tmp_path
     # The run's last step logs the mean of the steps after the last write.
     final = float(trainer.callback_metrics["train/loss"])
     assert final == pytest.approx((losses[6] + losses[7]) / 2, rel=1e-5)
+
+
+def test_train_loss_under_gradient_accumulation_covers_every_micro_batch(tmp_path):
+    torch.manual_seed(0)
+    data = Digits(image_size=None, batch_size=32)
+    steps = _StepLosses()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=4,  # optimizer steps: 8 batches
+        accumulate_grad_batches=2,
+        limit_val_batches=0,
+        log_every_n_steps=2,
+        logger=CSVLogger(tmp_path, name="run"),
+        callbacks=[steps],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(_classifier(data), datamodule=data)
+    losses = steps.losses
+    assert len(losses) == 8
+    with open(next(tmp_path.rglob("metrics.csv"))) as file:
+        logged = [float(r["train/loss"]) for r in csv.DictReader(file) if r.get("train/loss")]
+    expected = [sum(losses[0:4]) / 4, sum(losses[4:8]) / 4]
+    assert logged == pytest.approx(expected, rel=1e-5)
 
 
 def _counts_shown(capsys, refresh_interval: float) -> set[int]:
