@@ -164,7 +164,7 @@ class Classifier(L.LightningModule):
         )
         self.losses = nn.ModuleDict({f"{split}_": MeanMetric() for split in ("val", "test")})
         self._train_loss_sum: Tensor | None = None
-        self._train_loss_steps = 0
+        self._train_loss_batches = 0
 
     @staticmethod
     def _split_metrics(num_classes: int) -> Metric:
@@ -207,10 +207,10 @@ class Classifier(L.LightningModule):
         loss = loss.detach()
         total = self._train_loss_sum
         self._train_loss_sum = loss.clone() if total is None else total.add_(loss)
-        self._train_loss_steps += 1
+        self._train_loss_batches += 1
         if self._train_loss_due(batch_idx):
-            self.log("train/loss", self._train_loss_sum / self._train_loss_steps, prog_bar=True)
-            self._train_loss_sum, self._train_loss_steps = None, 0
+            self.log("train/loss", self._train_loss_sum / self._train_loss_batches, prog_bar=True)
+            self._train_loss_sum, self._train_loss_batches = None, 0
 
     def _train_loss_due(self, batch_idx: int) -> bool:
         trainer = self._trainer
@@ -225,7 +225,7 @@ class Classifier(L.LightningModule):
         return (every > 0 and step % every == 0) or 0 < trainer.max_steps <= step
 
     def on_train_epoch_start(self) -> None:
-        self._train_loss_sum, self._train_loss_steps = None, 0
+        self._train_loss_sum, self._train_loss_batches = None, 0
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._step(batch, "val")

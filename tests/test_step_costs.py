@@ -40,28 +40,36 @@ def _classifier(data: Digits) -> Classifier:
     )
 
 
-def test_train_loss_is_the_mean_over_the_steps_since_it_was_last_logged(tmp_path):
+def _fit_with_csv(tmp_path, **trainer_kwargs) -> tuple[L.Trainer, list[float], list[dict]]:
+    """A small run with a CSV logger: the trainer, every batch's loss, the CSV rows."""
     torch.manual_seed(0)
     data = Digits(image_size=None, batch_size=32)
     steps = _StepLosses()
     trainer = L.Trainer(
         accelerator="cpu",
-        max_steps=8,
-        limit_train_batches=5,  # epochs end after steps 4 and (never reached) 9
         limit_val_batches=0,
-        log_every_n_steps=3,
         logger=CSVLogger(tmp_path, name="run"),
         callbacks=[steps],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        **trainer_kwargs,
     )
     trainer.fit(_classifier(data), datamodule=data)
-    losses = steps.losses
-    assert len(losses) == 8
     with open(next(tmp_path.rglob("metrics.csv"))) as file:
-        rows = list(csv.DictReader(file))
-    logged = {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+        rows = [row for row in csv.DictReader(file) if row.get("train/loss")]
+    return trainer, steps.losses, rows
+
+
+def test_train_loss_is_the_mean_over_the_batches_since_it_was_last_logged(tmp_path):
+    trainer, losses, rows = _fit_with_csv(
+        tmp_path,
+        max_steps=8,
+        limit_train_batches=5,  # epochs end after steps 4 and (never reached) 9
+        log_every_n_steps=3,
+    )
+    assert len(losses) == 8
+    logged = {int(r["step"]): float(r["train/loss"]) for r in rows}
     # Written every 3 steps: steps 0-2, then 5 alone (the epoch ended after step 4, whose
     # last batch took the mean of steps 3-4 for the progress bar and callbacks).
     assert logged.keys() == {2, 5}
@@ -73,26 +81,14 @@ def test_train_loss_is_the_mean_over_the_steps_since_it_was_last_logged(tmp_path
 
 
 def test_train_loss_under_gradient_accumulation_covers_every_micro_batch(tmp_path):
-    torch.manual_seed(0)
-    data = Digits(image_size=None, batch_size=32)
-    steps = _StepLosses()
-    trainer = L.Trainer(
-        accelerator="cpu",
+    _, losses, rows = _fit_with_csv(
+        tmp_path,
         max_steps=4,  # optimizer steps: 8 batches
         accumulate_grad_batches=2,
-        limit_val_batches=0,
         log_every_n_steps=2,
-        logger=CSVLogger(tmp_path, name="run"),
-        callbacks=[steps],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
-    trainer.fit(_classifier(data), datamodule=data)
-    losses = steps.losses
     assert len(losses) == 8
-    with open(next(tmp_path.rglob("metrics.csv"))) as file:
-        logged = [float(r["train/loss"]) for r in csv.DictReader(file) if r.get("train/loss")]
+    logged = [float(r["train/loss"]) for r in rows]
     expected = [sum(losses[0:4]) / 4, sum(losses[4:8]) / 4]
     assert logged == pytest.approx(expected, rel=1e-5)
 
