@@ -18,9 +18,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from skipnets.data.analysis import AnalysisSplit, Split, analysis_split, check_split, inputs_of
 from skipnets.errors import ConfigError
 from skipnets.nn import SkipBlock, skip_blocks
-from skipnets_plugins._data import Split, check_split, inputs_of, shard_loader, split_dataset
 from skipnets_plugins._plotting import log_images, new_figure, output_dir, write_csv
 
 Method = Literal["deconvnet", "guided_backprop"]
@@ -335,7 +335,7 @@ class DeconvNet(Callback):
         #: Rows of ``top_activations.csv`` from the latest run.
         self.rows: list[dict[str, Any]] = []
 
-    # -- setup: names, shapes and channels checked before any training --------------------------
+    # -- names checked at setup; shapes and channels once the model is on its device -----------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         modules = dict(pl_module.named_modules())
         blocks = list(skip_blocks(pl_module))
@@ -371,10 +371,20 @@ class DeconvNet(Callback):
             )
         self._stage_blocks = [(_short(n), b) for n, b in stage_blocks]
 
-        dataset, _ = split_dataset(trainer, self.split, "DeconvNet")
-        if len(dataset) == 0:
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check_shapes(trainer, pl_module)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            self._check_shapes(trainer, pl_module)
+
+    def _check_shapes(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """One sample through the model on its device: the chosen layers must give feature maps
+        with the requested channels, before any training step runs."""
+        split = analysis_split(trainer, self.split, owner="DeconvNet")
+        if split.size == 0:
             raise ConfigError(f"DeconvNet: the {self.split} split is empty")
-        x = inputs_of(dataset[0]).unsqueeze(0).to(pl_module.device)
+        x = inputs_of(split.fetch(trainer, [0]))
         convs: list[nn.Conv2d] = []
         hooks = [
             m.register_forward_hook(lambda mod, a, o: convs.append(mod))
@@ -447,21 +457,19 @@ class DeconvNet(Callback):
         try:
             # Validation hooks run under inference mode, which rules out the backward passes.
             with torch.inference_mode(False):
-                loader, indices = shard_loader(trainer, self.split, self.max_samples, "DeconvNet")
-                batches = _with_indices(loader, indices, pl_module.device)
+                split = analysis_split(trainer, self.split, self.max_samples, "DeconvNet")
+                batches = ((inputs_of(batch), index) for batch, index in split.on_device(trainer))
                 tops = top_activations(pl_module, [m for _, m in watched], batches, self.top_k)
                 tops = [_gather(trainer, top, self.top_k) for top in tops]
                 if not trainer.is_global_zero:
                     return []
-                dataset, _ = split_dataset(trainer, self.split, "DeconvNet")
-                return self._draw(trainer, pl_module, dataset, watched, tops, epoch, folder)
+                return self._draw(trainer, pl_module, split, watched, tops, epoch, folder)
         finally:
             pl_module.train(was_training)
 
-    def _draw(self, trainer, pl_module, dataset, watched, tops, epoch: int, name: str):
+    def _draw(self, trainer, pl_module, split: AnalysisSplit, watched, tops, epoch: int, name: str):
         folder = output_dir(trainer, "deconvnet") / name
         folder.mkdir(parents=True, exist_ok=True)
-        device = pl_module.device
         written = []
         self.rows = []
 
@@ -469,7 +477,7 @@ class DeconvNet(Callback):
             """Inputs, projections and receptive fields of one feature map's top units."""
             module = watched[layer_index][1]
             _, samples, positions = (t[:, channel] for t in tops[layer_index])
-            x = torch.stack([inputs_of(dataset[int(i)]) for i in samples]).to(device)
+            x = inputs_of(split.fetch(trainer, samples))
             proj = project(
                 pl_module, module, x, torch.full_like(positions, channel), positions, method
             )
@@ -543,14 +551,6 @@ class DeconvNet(Callback):
                         "box": " ".join(map(str, boxes_by_channel[channel][rank])),
                     }
                 )
-
-
-def _with_indices(loader, indices: Tensor, device: torch.device):
-    start = 0
-    for batch in loader:
-        x = inputs_of(batch).to(device)
-        yield x, indices[start : start + x.shape[0]]
-        start += x.shape[0]
 
 
 def _gather(trainer: L.Trainer, top, k: int):

@@ -11,9 +11,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from skipnets.data.analysis import Split, analysis_split, check_split, inputs_of
 from skipnets.errors import ConfigError
 from skipnets.nn import SkipBlock, skip_blocks
-from skipnets_plugins._data import Split, check_split, inputs_of, shard_loader, split_dataset
 from skipnets_plugins._plotting import log_rows, new_figure, output_dir, save_figure, write_csv
 
 COLUMNS = (
@@ -113,11 +113,11 @@ class HighwayGates(Callback):
                     f"HighwayGates: highway block {name} ({type(block).__name__}) does not keep "
                     "its gate in `last_gate`; it cannot be plotted"
                 )
-        dataset, _ = split_dataset(trainer, self.split, "HighwayGates")
-        if self.example_index >= len(dataset):
+        size = analysis_split(trainer, self.split, owner="HighwayGates").size
+        if self.example_index >= size:
             raise ConfigError(
                 f"HighwayGates: example_index={self.example_index} but the {self.split} split "
-                f"has {len(dataset)} samples"
+                f"has {size} samples"
             )
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -158,15 +158,14 @@ class HighwayGates(Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            loader, _ = shard_loader(trainer, self.split, self.max_samples, "HighwayGates")
-            for batch in loader:
-                pl_module(inputs_of(batch).to(device))
+            split = analysis_split(trainer, self.split, self.max_samples, "HighwayGates")
+            for batch, _ in split.on_device(trainer):
+                pl_module(inputs_of(batch))
                 for i in range(count):
                     gate = per_unit(captured[i][0]).double()
                     sums[i] = gate.sum(0) if sums[i] is None else sums[i] + gate.sum(0)
                 samples += gate.shape[0]
-            dataset, _ = split_dataset(trainer, self.split, "HighwayGates")
-            pl_module(inputs_of(dataset[self.example_index]).unsqueeze(0).to(device))
+            pl_module(inputs_of(split.fetch(trainer, [self.example_index])))
             example = [
                 (per_unit(g)[0], per_unit(out)[0]) for g, out in (captured[i] for i in range(count))
             ]

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +19,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-from torch.utils.data import DataLoader, Subset
 
+from skipnets.data.analysis import AnalysisSplit, Split, analysis_split, check_split, inputs_of
 from skipnets.errors import ConfigError
 from skipnets.nn import SkipBlock, skip_blocks
 from skipnets.runs import log_figure, log_table, run_dir
@@ -60,7 +60,8 @@ class Lesion(Callback):
     deletes ``k`` random blocks at once for ``k = 1 .. max_deletions`` (Veit et al.'s curve) and,
     optionally, swaps each pair of adjacent blocks whose shapes allow it.
 
-    Runs after ``fit`` on the weights it ended with, and in a standalone ``validate`` (which is
+    Runs when training ends, on the weights it ended with (on the model's device, before
+    Lightning moves the model back to the CPU), and in a standalone ``validate`` (which is
     what ``skipnets lesion --config ... --ckpt_path ...`` runs). Writes
     ``<run dir>/lesion/lesion.csv`` and ``lesion.png`` (metric against block index with the
     baseline dashed, and the k-deletion curve) and logs both to W&B as a table and an image.
@@ -77,7 +78,7 @@ class Lesion(Callback):
 
     Args:
         split: the data to evaluate on: ``train``, ``val`` or ``test`` (the data module's split,
-            without shuffling or augmentation other than the loader's own).
+            read in order, without shuffling or training augmentation).
         max_deletions: the largest ``k`` of the k-random-deletion curve (clipped to the number
             of blocks that can be lesioned); 0 leaves the curve out.
         draws: different random sets of blocks per ``k`` (every set, when there are fewer).
@@ -88,7 +89,7 @@ class Lesion(Callback):
 
     def __init__(
         self,
-        split: Literal["train", "val", "test"] = "val",
+        split: Split = "val",
         max_deletions: int = 10,
         draws: int = 5,
         swaps: bool = False,
@@ -96,8 +97,7 @@ class Lesion(Callback):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if split not in ("train", "val", "test"):
-            raise ConfigError(f"split must be 'train', 'val' or 'test', not {split!r}")
+        check_split(split, "Lesion")
         if max_deletions < 0:
             raise ConfigError(f"max_deletions must be >= 0, got {max_deletions}")
         if draws < 1:
@@ -123,7 +123,7 @@ class Lesion(Callback):
                 "(`skipnets models` marks the architectures with skip connections)"
             )
 
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.run(trainer, pl_module)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -133,12 +133,12 @@ class Lesion(Callback):
     # -- the study ----------------------------------------------------------------------------
     def run(self, trainer: Trainer, pl_module: LightningModule) -> list[LesionResult]:
         """Evaluate every lesion on this trainer's data; rank zero writes and logs the results."""
-        loader = self._loader(trainer)
+        data = analysis_split(trainer, self.split, owner="Lesion")
         blocks = list(skip_blocks(pl_module))
         was_training = pl_module.training
         pl_module.eval()
         try:
-            self.results = self._study(trainer, pl_module, loader, blocks)
+            self.results = self._study(trainer, pl_module, data, blocks)
         finally:
             for _, block in blocks:
                 block.lesioned = False
@@ -151,11 +151,11 @@ class Lesion(Callback):
         self,
         trainer: Trainer,
         pl_module: LightningModule,
-        loader: DataLoader,
+        data: AnalysisSplit,
         blocks: list[tuple[str, SkipBlock]],
     ) -> list[LesionResult]:
         def evaluate() -> tuple[float, float]:
-            return self._evaluate(trainer, pl_module, loader)
+            return self._evaluate(trainer, pl_module, data)
 
         base_loss, base_acc = evaluate()
         self.baseline = (base_loss, base_acc)
@@ -195,20 +195,19 @@ class Lesion(Callback):
                     record("delete", k, draw, indices, evaluate())
 
         if self.swaps:
-            for i in self._swappable(trainer, pl_module, loader, blocks):
+            for i in self._swappable(trainer, pl_module, data, blocks):
                 with _swapped(pl_module, blocks[i][0], blocks[i + 1][0]):
                     record("swap", 2, 0, [i, i + 1], evaluate())
         return results
 
     @torch.no_grad()
     def _evaluate(
-        self, trainer: Trainer, pl_module: LightningModule, loader: DataLoader
+        self, trainer: Trainer, pl_module: LightningModule, data: AnalysisSplit
     ) -> tuple[float, float]:
         totals = torch.zeros(3, dtype=torch.float64, device=pl_module.device)
-        for index, batch in enumerate(loader):
-            if self.limit_batches is not None and index >= self.limit_batches:
-                break
-            x, y = trainer.strategy.batch_to_device(batch)[:2]
+        batches = itertools.islice(data.on_device(trainer), self.limit_batches)
+        for batch, _ in batches:
+            x, y = batch[:2]
             with trainer.precision_plugin.forward_context():
                 logits = pl_module(x)
             logits = logits.float()
@@ -220,43 +219,11 @@ class Lesion(Callback):
             raise ConfigError(f"Lesion: the {self.split} split is empty")
         return (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
 
-    def _loader(self, trainer: Trainer) -> DataLoader:
-        """The split's loader, unshuffled, with each rank taking every ``world_size``-th sample
-        (no padding, so that every sample counts once)."""
-        datamodule = trainer.datamodule
-        if datamodule is not None:
-            if getattr(datamodule, f"{self.split}_set", 0) is None:
-                datamodule.setup("fit" if self.split in ("train", "val") else "test")
-            loader = getattr(datamodule, f"{self.split}_dataloader")()
-        else:
-            loader = {
-                "train": trainer.train_dataloader,
-                "val": trainer.val_dataloaders,
-                "test": trainer.test_dataloaders,
-            }[self.split]
-            if isinstance(loader, (list, tuple)):
-                loader = loader[0] if loader else None
-        if not isinstance(loader, DataLoader):
-            raise ConfigError(f"Lesion: there is no {self.split} data to evaluate on")
-        dataset = loader.dataset
-        if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
-            raise ConfigError("Lesion needs a map-style dataset (one with a length)")
-        if trainer.world_size > 1:
-            dataset = Subset(dataset, range(trainer.global_rank, len(dataset), trainer.world_size))
-        return DataLoader(
-            dataset,
-            batch_size=loader.batch_size or 1,
-            shuffle=False,
-            num_workers=loader.num_workers,
-            collate_fn=loader.collate_fn,
-            pin_memory=loader.pin_memory,
-        )
-
     def _swappable(
         self,
         trainer: Trainer,
         pl_module: LightningModule,
-        loader: DataLoader,
+        data: AnalysisSplit,
         blocks: list[tuple[str, SkipBlock]],
     ) -> list[int]:
         """Indices ``i`` where blocks ``i`` and ``i + 1`` sit in the same container and both
@@ -271,11 +238,10 @@ class Lesion(Callback):
 
         handles = [block.register_forward_hook(remember(i)) for i, (_, block) in enumerate(blocks)]
         try:
-            batch = next(iter(loader), None)
-            if batch is not None:
-                batch = trainer.strategy.batch_to_device(batch)
+            first = next(data.on_device(trainer), None)
+            if first is not None:
                 with torch.no_grad(), trainer.precision_plugin.forward_context():
-                    pl_module(batch[0])
+                    pl_module(inputs_of(first[0]))
         finally:
             for handle in handles:
                 handle.remove()

@@ -1,5 +1,6 @@
 """Data modules: bundled digits, generated problems, and torchvision's benchmark datasets."""
 
+from skipnets.data.analysis import AnalysisSplit, Split, analysis_split
 from skipnets.data.base import DataModule
 from skipnets.data.digits import Digits
 from skipnets.data.gpu import GPUCIFAR10, GPUCIFAR100, GPUMNIST
@@ -15,11 +16,14 @@ __all__ = [
     "GPUCIFAR100",
     "GPUMNIST",
     "MNIST",
+    "AnalysisSplit",
     "DataModule",
     "Digits",
     "ImageNet",
     "Shapes",
+    "Split",
     "TorchvisionData",
     "TwoSpirals",
+    "analysis_split",
     "two_spirals",
 ]

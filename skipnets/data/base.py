@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
+from skipnets.data.analysis import AnalysisSplit, check_split, dataset_split
 from skipnets.errors import ConfigError
 
 
@@ -38,6 +39,9 @@ class DataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        # The training samples without training augmentation, where ``train_set`` augments:
+        # what analysis of the train split reads.
+        self.plain_train_set: Dataset | None = None
 
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
@@ -68,6 +72,41 @@ class DataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, shuffle=False)
+
+    def analysis_split(
+        self,
+        split: str,
+        rank: int = 0,
+        world_size: int = 1,
+        max_samples: int | None = None,
+    ) -> AnalysisSplit:
+        """Rank ``rank`` of ``world_size``'s share of ``split`` for analysis, read in order (see
+        ``skipnets.data.analysis``); sets the data module up first if that split is missing."""
+        check_split(split, type(self).__name__)
+
+        def dataset() -> Dataset | None:
+            if split == "train" and self.plain_train_set is not None:
+                return self.plain_train_set
+            return getattr(self, f"{split}_set")
+
+        if dataset() is None:
+            self.setup("test" if split == "test" else "fit")
+        data = dataset()
+        if data is None:
+            raise ConfigError(f"{type(self).__name__} has no {split} split")
+        batched = type(data) is TensorDataset
+        if batched:
+            data = InMemoryDataset(*data.tensors)
+        return dataset_split(
+            split,
+            data,
+            batch_size=self.batch_size,
+            collate_fn=_fetched_batch if batched else None,
+            rank=rank,
+            world_size=world_size,
+            max_samples=max_samples,
+            num_workers=self.num_workers,
+        )
 
     def transfer_batch_to_device(
         self, batch: Any, device: torch.device, dataloader_idx: int

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from skipnets.data.analysis import AnalysisSplit, check_split, tensor_split
 from skipnets.data.base import DataModule
 from skipnets.data.vision import CIFAR10, CIFAR100, MNIST, TorchvisionData
 from skipnets.errors import ConfigError
@@ -298,6 +299,28 @@ class GPUVisionData(DataModule):
             rank=trainer.global_rank if trainer is not None else 0,
             world_size=trainer.world_size if trainer is not None else 1,
             drop_last=self.drop_last and train,
+        )
+
+    def analysis_split(
+        self,
+        split: str,
+        rank: int = 0,
+        world_size: int = 1,
+        max_samples: int | None = None,
+    ) -> AnalysisSplit:
+        """This rank's share of ``split`` for analysis, gathered on the device and normalised
+        without augmentation (the evaluation transform, for the training split too)."""
+        check_split(split, type(self).__name__)
+        self.setup("fit")  # nothing to do when the splits are on the trainer's device already
+        generator = torch.Generator(device=self._splits[split][0].device)
+        return tensor_split(
+            split,
+            self._splits[split],
+            lambda images: self._eval_transform(images, generator),
+            batch_size=self.eval_batch_size,
+            rank=rank,
+            world_size=world_size,
+            max_samples=max_samples,
         )
 
     def train_dataloader(self) -> DeviceLoader:  # type: ignore[override]

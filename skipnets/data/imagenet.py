@@ -159,5 +159,6 @@ class ImageNet(DataModule):
             raise ConfigError(f"val_size={self.val_size} leaves no training images ({n} found)")
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
         self.train_set = Subset(train_aug, order[self.val_size :])
+        self.plain_train_set = Subset(train_plain, order[self.val_size :])
         self.val_set = Subset(train_plain, order[: self.val_size])
         self.test_set = datasets.ImageFolder(str(val_dir), transform=self._transform(False))

@@ -91,6 +91,7 @@ class TorchvisionData(DataModule):
             raise ConfigError(f"val_size={self.val_size} leaves no training data ({n} images)")
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
         self.train_set = Subset(train_aug, order[self.val_size :])
+        self.plain_train_set = Subset(train_plain, order[self.val_size :])
         self.val_set = Subset(train_plain, order[: self.val_size])
         self.test_set = self.dataset_cls(root, train=False, transform=self._transforms(False))
 

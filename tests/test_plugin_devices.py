@@ -1,0 +1,283 @@
+"""Every built-in plugin on "the device": as a fit callback and through its command, in fp32 and
+bf16-mixed, on both data paths (a ``DataLoader`` over files and the device-resident
+``DeviceLoader``), in one process and under two-process DDP.
+
+The device is ``tests.shadow_device``'s: the model is float64 while Lightning holds it on the
+device, so a forward pass at the wrong time (``setup``, ``on_fit_end``) or on a batch that never
+went to the device fails here as it fails on a GPU.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+import textwrap
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import ROOT, run_skipnets
+from datagen import write_cifar10
+from shadow_device import ShadowDevice
+from skipnets_plugins.deconvnet import DeconvNet
+from skipnets_plugins.gradient_flow import GradientFlow
+from skipnets_plugins.highway_gates import HighwayGates
+from skipnets_plugins.lesion import Lesion
+from skipnets_plugins.norm_ratio import NormRatio
+from skipnets_plugins.stochastic_depth import StochasticDepth
+
+from skipnets import Classifier
+from skipnets.cli import main
+from skipnets.data import CIFAR10, GPUCIFAR10, analysis_split
+from skipnets.errors import ConfigError
+
+if str(ROOT) not in sys.path:  # configs name the strategy as tests.shadow_device.*
+    sys.path.insert(0, str(ROOT))
+
+DATA = {"DataLoader": CIFAR10, "DeviceLoader": GPUCIFAR10}
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # 5 x 8 training images, 8 of them held out for validation; 6 test images.
+    return write_cifar10(tmp_path_factory.mktemp("cifar"), per_batch=8, test_size=6)
+
+
+def _data(kind: str, root: Path):
+    return DATA[kind](root=str(root), val_size=8, batch_size=8)
+
+
+def _classifier(arch: str, data, **arch_kwargs) -> Classifier:
+    return Classifier(
+        arch=arch,
+        arch_kwargs=arch_kwargs,
+        num_classes=data.num_classes,
+        input_shape=data.input_shape,
+    )
+
+
+def _trainer(root: Path, precision: str, callbacks: list, **kwargs) -> L.Trainer:
+    return L.Trainer(
+        strategy=ShadowDevice(),
+        precision=precision,
+        max_epochs=1,
+        limit_train_batches=2,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        callbacks=callbacks,
+        **kwargs,
+    )
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_the_shadow_device_catches_what_a_gpu_catches(tmp_path: Path, cifar_root: Path) -> None:
+    """The harness itself: a forward pass on the model after ``fit`` with a batch moved to the
+    device fails, and so does one inside ``fit`` with a batch that was not moved."""
+    data = _data("DataLoader", cifar_root)
+    model = _classifier("resnet20", data)
+    seen: dict[str, Exception] = {}
+
+    class Careless(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            x = next(iter(trainer.train_dataloader))[0]
+            try:
+                pl_module(x)  # not moved to the device
+            except RuntimeError as error:
+                seen["unmoved batch"] = error
+
+        def on_fit_end(self, trainer, pl_module):
+            x = next(iter(trainer.train_dataloader))[0]
+            try:
+                pl_module(trainer.strategy.batch_to_device(x))  # model already back on the CPU
+            except RuntimeError as error:
+                seen["model off the device"] = error
+
+    _trainer(tmp_path, "32-true", [Careless()]).fit(model, datamodule=data)
+    assert set(seen) == {"unmoved batch", "model off the device"}
+    assert all("Double" in str(error) or "double" in str(error) for error in seen.values())
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("kind", list(DATA))
+def test_residual_net_plugins_as_fit_callbacks(
+    tmp_path: Path, cifar_root: Path, kind: str, precision: str
+) -> None:
+    data = _data(kind, cifar_root)
+    callbacks = [
+        Lesion(max_deletions=2, draws=1, swaps=True),
+        DeconvNet(channels=2, top_k=2, max_samples=16, methods=["deconvnet"], every_n_epochs=1),
+        NormRatio(every_n_steps=1),
+        GradientFlow(every_n_steps=1),
+        StochasticDepth(survival_prob=0.5, rule="linear", drop_mode="sample"),
+    ]
+    trainer = _trainer(tmp_path, precision, callbacks)
+    trainer.fit(_classifier("resnet20", data), datamodule=data)
+
+    lesion = _rows(tmp_path / "lesion" / "lesion.csv")
+    assert {r["lesion"] for r in lesion} == {"single", "delete", "swap"}
+    assert len([r for r in lesion if r["lesion"] == "single"]) == 9
+    assert float(lesion[0]["baseline_accuracy"]) >= 0.0
+    # Each visualisation scanned the split on the device and drew from it.
+    for folder in ("epoch000",):
+        written = {p.name for p in (tmp_path / "deconvnet" / folder).iterdir()}
+        assert "top_activations.csv" in written and "filters.png" in written
+    assert (tmp_path / "norm_ratio" / "norm_ratio.csv").is_file()
+    assert any((tmp_path / "gradient_flow").iterdir())
+
+
+@pytest.mark.parametrize("kind", list(DATA))
+def test_highway_plugins_as_fit_callbacks(tmp_path: Path, cifar_root: Path, kind: str) -> None:
+    data = _data(kind, cifar_root)
+    gates = HighwayGates(split="train", max_samples=20, example_index=3)
+    callbacks = [gates, Lesion(max_deletions=1, draws=1), NormRatio(every_n_steps=1)]
+    trainer = _trainer(tmp_path, "bf16-mixed", callbacks)
+    model = _classifier("highway_cnn", data, depth=7, widths=[8, 8, 8])
+    trainer.fit(model, datamodule=data)
+    assert gates.rows and {r["layer"] for r in gates.rows} == {0, 1, 2}
+    assert (tmp_path / "lesion" / "lesion.csv").is_file()
+
+
+@pytest.mark.parametrize("kind", list(DATA))
+def test_analysis_split_covers_each_sample_once_across_ranks(cifar_root: Path, kind: str):
+    data = _data(kind, cifar_root)
+    data.setup("fit")
+    whole = data.analysis_split("val")
+    assert whole.size == 8 and whole.indices.tolist() == list(range(8))
+    everything = torch.cat([batch[0] for batch in whole])
+    parts = [data.analysis_split("val", rank=r, world_size=3, max_samples=7) for r in range(3)]
+    assert sorted(torch.cat([p.indices for p in parts]).tolist()) == list(range(7))
+    for part in parts:
+        images = torch.cat([batch[0] for batch in part])
+        assert torch.equal(images, everything[part.indices])
+    # Any sample, asked for by position, is the one the scan yields there.
+    fetched = data.analysis_split("val").read([5, 2])
+    assert torch.equal(fetched[0], everything[[5, 2]])
+    # The training split is read as it is, without training augmentation, on either path.
+    train = data.analysis_split("train", max_samples=4)
+    assert torch.equal(torch.cat([b[0] for b in train]), torch.cat([b[0] for b in train]))
+
+
+def test_a_split_a_data_module_cannot_give_is_a_clear_error(tmp_path: Path) -> None:
+    class OnlyTraining(L.LightningDataModule):
+        def train_dataloader(self):
+            return [torch.zeros(2, 3)]
+
+    trainer = L.Trainer(logger=False, default_root_dir=tmp_path)
+    trainer.datamodule = OnlyTraining()  # as Lightning sets it for fit
+    with pytest.raises(ConfigError, match="gives no DataLoader over a map-style dataset"):
+        analysis_split(trainer, "val", owner="Lesion")
+    with pytest.raises(ConfigError, match="split must be one of train, val, test"):
+        analysis_split(trainer, "validation", owner="Lesion")
+
+
+def _config(path: Path, root: Path, kind: str, cifar_root: Path, plugin: str, args: str) -> Path:
+    path.write_text(
+        textwrap.dedent(
+            f"""\
+            model:
+              arch: resnet20
+            data:
+              class_path: {kind}
+              init_args: {{root: {cifar_root}, val_size: 8, batch_size: 8}}
+            trainer:
+              accelerator: cpu
+              precision: bf16-mixed
+              strategy: {{class_path: tests.shadow_device.ShadowDevice}}
+              max_epochs: 1
+              limit_train_batches: 2
+              num_sanity_val_steps: 0
+              enable_progress_bar: false
+              default_root_dir: {root}
+              callbacks:
+                - class_path: {plugin}
+                  init_args: {args}
+            """
+        )
+    )
+    return path
+
+
+@pytest.mark.parametrize("kind", ["CIFAR10", "GPUCIFAR10"])
+def test_lesion_and_deconvnet_commands_on_the_device(
+    tmp_path: Path, cifar_root: Path, kind: str
+) -> None:
+    run = tmp_path / "run"
+    lesion = _config(
+        tmp_path / "lesion.yaml", run, kind, cifar_root, "Lesion", "{max_deletions: 1, draws: 1}"
+    )
+    assert main(["fit", "--config", str(lesion), "--trainer.logger=false"]) == 0
+    ckpt = next((run / "checkpoints").glob("*.ckpt"))
+    common = ["--ckpt_path", str(ckpt), "--trainer.logger=false"]
+    assert main(["lesion", "--config", str(lesion), *common]) == 0
+    assert (run / "lesion" / "lesion.csv").is_file()
+
+    deconv = _config(
+        tmp_path / "deconv.yaml",
+        run,
+        kind,
+        cifar_root,
+        "DeconvNet",
+        "{channels: 2, top_k: 2, methods: [guided_backprop]}",
+    )
+    assert main(["deconvnet", "--config", str(deconv), *common]) == 0
+    assert (run / "deconvnet" / ckpt.stem / "top_activations.csv").is_file()
+
+
+def test_every_plugin_under_ddp_on_the_device_resident_data(tmp_path: Path, cifar_root: Path):
+    """Two processes, each with its share of ``GPUCIFAR10``: every analysis reads its rank's
+    part of the split and the results are merged across ranks."""
+    config = tmp_path / "ddp.yaml"
+    config.write_text(
+        textwrap.dedent(
+            f"""\
+            seed_everything: 0
+            model:
+              arch: resnet20
+            data:
+              class_path: GPUCIFAR10
+              init_args: {{root: {cifar_root}, val_size: 8, batch_size: 4}}
+            trainer:
+              accelerator: cpu
+              devices: 2
+              strategy:
+                class_path: tests.shadow_device.ShadowDDP
+                init_args: {{find_unused_parameters: true}}  # blocks dropped whole
+              max_epochs: 1
+              limit_train_batches: 2
+              num_sanity_val_steps: 0
+              enable_progress_bar: false
+              logger: false
+              default_root_dir: {tmp_path / "run"}
+              callbacks:
+                - class_path: Lesion
+                  init_args: {{max_deletions: 1, draws: 1}}
+                - class_path: DeconvNet
+                  init_args: {{channels: 2, top_k: 3, methods: [deconvnet]}}
+                - class_path: NormRatio
+                  init_args: {{every_n_steps: 1}}
+                - class_path: GradientFlow
+                  init_args: {{every_n_steps: 1}}
+                - class_path: StochasticDepth
+                  init_args: {{survival_prob: 0.8}}
+            test_after_fit: false
+            """
+        )
+    )
+    result = run_skipnets("fit", "--config", str(config), env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    rows = _rows(run / "lesion" / "lesion.csv")
+    assert len([r for r in rows if r["lesion"] == "single"]) == 9
+    # The top activations were merged across both ranks' halves of the val split.
+    tops = _rows(next((run / "deconvnet").glob("*/top_activations.csv")))
+    assert {int(r["sample"]) for r in tops} <= set(range(8))
+    assert (run / "norm_ratio" / "norm_ratio.csv").is_file()
