@@ -1,9 +1,10 @@
 """The ``skipnets`` command.
 
 ``skipnets fit|validate|test|predict`` is LightningCLI (``--config``, several compose; dotted
-overrides; ``--print_config``). ``skipnets models``, ``skipnets plugins``, ``skipnets lesion``
-and ``skipnets --version`` are dispatched before it, since LightningCLI only hosts Trainer
-subcommands; ``lesion`` goes through it again as a ``validate`` run with the Lesion plugin.
+overrides; ``--print_config``). ``skipnets models``, ``skipnets plugins``, ``skipnets analyse``
+(with its short forms ``lesion`` and ``deconvnet``), ``skipnets --help`` and ``--version`` are
+dispatched before it, since LightningCLI only hosts Trainer subcommands; ``analyse`` goes through
+it again as a ``validate`` run with the one plugin (``skipnets.analyse``).
 
 A user error (missing or invalid config, unknown key, unknown architecture, bad value) prints one
 message and exits with status 2; ``SKIPNETS_DEBUG=1`` shows the traceback instead.
@@ -26,8 +27,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands: dict[str, Callable[[list[str]], int]] = {
         "models": _models_command,
         "plugins": _plugins_command,
-        "lesion": _lesion_command,
-        "deconvnet": _deconvnet_command,
+        "analyse": _analyse_command,
+        "analyze": _analyse_command,
+        "lesion": _short_form("lesion"),
+        "deconvnet": _short_form("deconvnet"),
     }
     try:
         if args and args[0] in ("--version", "-V"):
@@ -35,6 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(f"skipnets {__version__}")
             return 0
+        if not args or args[0] in ("-h", "--help"):
+            print(_overview(), end="", file=sys.stdout if args else sys.stderr)
+            return 0 if args else USER_ERROR
         if args and args[0] in commands:
             return commands[args[0]](args[1:])
         return _lightning(args if explicit else None)
@@ -140,60 +146,52 @@ def _plugins_command(args: list[str]) -> int:
     return 1 if any(p.error for p in plugins) else 0
 
 
-LESION_USAGE = """usage: skipnets lesion --config CONFIG --ckpt_path CHECKPOINT [--key=value ...]
+def _analyse_command(args: list[str]) -> int:
+    from skipnets.analyse import analyse
 
-Lesion study of a trained checkpoint: evaluates the model of CONFIG with each skip block removed
-(and the other lesions the Lesion plugin is configured for). It runs `skipnets validate` with the
-Lesion plugin added; its settings come from the config's trainer.callbacks when a Lesion is listed
-there, and any `skipnets validate` option applies (`skipnets validate --help`). Results go to
-<run dir>/lesion/lesion.csv and lesion.png.
-"""
+    return analyse(args[0] if args else None, args[1:])
 
 
-def _lesion_command(args: list[str]) -> int:
-    return _validate_with_plugin("lesion", "Lesion", LESION_USAGE, args)
+def _short_form(command: str) -> Callable[[list[str]], int]:
+    def run(args: list[str]) -> int:
+        from skipnets.analyse import SHORT_FORMS, analyse
+
+        if not args:
+            print(
+                f"usage: skipnets {command} --config CONFIG --ckpt_path CHECKPOINT", file=sys.stderr
+            )
+            return USER_ERROR
+        return analyse(SHORT_FORMS[command], args, command=command)
+
+    return run
 
 
-DECONVNET_USAGE = """usage: skipnets deconvnet --config CONFIG --ckpt_path CHECKPOINT [--key=value ...]
-
-DeconvNet figures of a trained checkpoint: the top-9 activations of chosen layers projected back
-to pixel space (Zeiler & Fergus's deconvnet and guided backpropagation) next to their input
-patches, the first layer's filters, and feature refinement across a residual stage. It runs
-`skipnets validate` with the DeconvNet plugin added; its settings come from the config's
-trainer.callbacks when a DeconvNet is listed there. Figures go to
-<run dir>/deconvnet/<checkpoint name>/.
-"""
-
-
-def _deconvnet_command(args: list[str]) -> int:
-    return _validate_with_plugin("deconvnet", "DeconvNet", DECONVNET_USAGE, args)
+COMMANDS = (
+    ("fit", "train a model: skipnets fit --config configs/quickstart.yaml"),
+    ("validate", "evaluate a checkpoint on the validation split"),
+    ("test", "evaluate a checkpoint on the test split"),
+    ("predict", "run a checkpoint over the prediction split"),
+    ("models", "list the registered architectures, with parameter counts and papers"),
+    ("plugins", "list the installed plugins (research callbacks), and any that failed to load"),
+    ("analyse", "run an analysis plugin on a trained checkpoint, into the run that trained it"),
+    ("lesion", "skipnets analyse Lesion: each skip block removed in turn"),
+    ("deconvnet", "skipnets analyse DeconvNet: top activations projected to pixel space"),
+)
 
 
-def _validate_with_plugin(command: str, plugin: str, usage: str, args: list[str]) -> int:
-    """``skipnets validate`` on a checkpoint with ``plugin`` added, unless the config lists it
-    in trainer.callbacks (then its settings come from there). SkipnetsCLI has checked that the
-    checkpoint fits the model before ``before_validate`` runs."""
-    if not args or args[0] in ("-h", "--help"):
-        print(usage, end="", file=sys.stdout if args else sys.stderr)
-        return 0 if args else USER_ERROR
-
-    from skipnets.errors import ConfigError
-    from skipnets.lightning_cli import SkipnetsCLI
-    from skipnets.plugins import load_plugin
-
-    callback = load_plugin(plugin)
-
-    class PluginCLI(SkipnetsCLI):
-        def before_validate(self) -> None:
-            if not self.config.validate.get("ckpt_path"):
-                raise ConfigError(
-                    f"skipnets {command} needs --ckpt_path: a checkpoint of the model"
-                )
-            if not any(isinstance(c, callback) for c in self.trainer.callbacks):
-                self.trainer.callbacks.append(callback())
-
-    PluginCLI(args=["validate", *args])
-    return 0
+def _overview() -> str:
+    width = max(len(name) for name, _ in COMMANDS)
+    lines = [
+        "usage: skipnets COMMAND [options]",
+        "",
+        "Train and study deep networks with and without skip connections.",
+        "",
+        "commands:",
+        *(f"  {name.ljust(width)}  {summary}" for name, summary in COMMANDS),
+        "",
+        "`skipnets COMMAND --help` shows a command's options; `skipnets --version` the version.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def _first_author(authors: str) -> str:

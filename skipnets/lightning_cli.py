@@ -64,12 +64,12 @@ class SkipnetsCLI(LightningCLI):
         discover_plugins()
         check_config_names(sys.argv[1:] if args is None else args)
         kwargs.setdefault("trainer_defaults", _trainer_defaults())
+        kwargs.setdefault("save_config_callback", SaveRunConfig)
         super().__init__(
             model_class=Classifier,
             datamodule_class=DataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
-            save_config_callback=SaveRunConfig,
             auto_configure_optimizers=False,
             # Parse errors are raised, not printed with a page of usage: skipnets.cli prints one
             # message and exits with status 2.

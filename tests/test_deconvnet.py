@@ -243,7 +243,7 @@ def test_command_line_on_a_checkpoint(tmp_path):
     common = ["deconvnet", "--config", str(config), "--trainer.enable_progress_bar=false"]
     assert main(common) == 2  # no checkpoint given: one message, status 2
     assert main([*common, f"--ckpt_path={checkpoint}"]) == 0
-    folder = tmp_path / "run" / "deconvnet" / "trained"
+    folder = tmp_path / "deconvnet" / "trained"  # the folder that holds the checkpoint
     assert {p.name for p in folder.iterdir()} == {
         "filters.png",
         "blocks_2_guided_backprop.png",

@@ -172,12 +172,14 @@ def test_lesion_command(trained: dict, tmp_path: Path, skipnets_cli) -> None:
         env={"OMP_NUM_THREADS": "1"},  # tiny convolutions: see the fixture
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = read_csv(tmp_path / "run" / "lesion" / "lesion.csv")
+    # Written into the run the checkpoint belongs to (here: the folder that holds it).
+    rows = read_csv(trained["root"] / "lesion" / "lesion.csv")
     assert {r["lesion"] for r in rows} == {"single"}  # the config's settings: no deletions
     assert float(rows[0]["baseline_accuracy"]) == pytest.approx(
         trained["residual"]["lesion"].baseline[1]
     )
     assert "Lesion study on the val split" in result.stdout + result.stderr
+    assert f"Lesion wrote 2 file(s) under {trained['root']}" in result.stdout
 
 
 def test_lesion_command_bad_input(trained: dict, tmp_path: Path, capsys) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -19,8 +20,15 @@ __all__ = ["log_images", "log_rows", "new_figure", "output_dir", "save_figure", 
 
 
 def output_dir(trainer: L.Trainer, plugin: str) -> Path:
-    """``run_dir(trainer) / plugin``, created. Call it on rank zero only."""
+    """``run_dir(trainer) / plugin``, created. Call it on rank zero only.
+
+    A standalone evaluation of a checkpoint (``skipnets analyse``, ``trainer.validate(...,
+    ckpt_path=...)``) writes into ``<plugin>/<checkpoint name>/`` instead, next to what the
+    training run recorded there, never over it.
+    """
     path = run_dir(trainer) / plugin
+    if trainer.state.fn != TrainerFn.FITTING and trainer.ckpt_path:
+        path = path / Path(trainer.ckpt_path).stem
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -434,8 +433,8 @@ class DeconvNet(Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A standalone `validate` (``skipnets deconvnet``): the checkpoint's weights are loaded.
         if trainer.state.fn == TrainerFn.VALIDATING:
-            name = Path(trainer.ckpt_path).stem if trainer.ckpt_path else "validate"
-            self.visualise(trainer, pl_module, folder=name)
+            # output_dir adds the checkpoint's name; a validate of in-memory weights gets one.
+            self.visualise(trainer, pl_module, folder=None if trainer.ckpt_path else "validate")
 
     # -- the analysis ---------------------------------------------------------------------------
     def visualise(
@@ -446,10 +445,12 @@ class DeconvNet(Callback):
         folder: str | None = None,
     ) -> list[str]:
         """Search the split (each rank its share), merge the top activations across ranks, and
-        draw the figures on rank zero into ``deconvnet/<folder>`` (default ``epoch<E>``).
-        Returns the paths written (empty on other ranks)."""
+        draw the figures on rank zero into ``deconvnet/<folder>`` (default while fitting:
+        ``epoch<E>``; on a checkpoint: ``deconvnet/<checkpoint name>``). Returns the paths
+        written (empty on other ranks)."""
         epoch = trainer.current_epoch if epoch is None else epoch
-        folder = folder or f"epoch{epoch:03d}"
+        if folder is None and trainer.state.fn == TrainerFn.FITTING:
+            folder = f"epoch{epoch:03d}"
         self._last_step = trainer.global_step
         watched = self._layers + self._stage_blocks
         was_training = pl_module.training
@@ -467,8 +468,8 @@ class DeconvNet(Callback):
         finally:
             pl_module.train(was_training)
 
-    def _draw(self, trainer, pl_module, split: AnalysisSplit, watched, tops, epoch: int, name: str):
-        folder = output_dir(trainer, "deconvnet") / name
+    def _draw(self, trainer, pl_module, split: AnalysisSplit, watched, tops, epoch, name):
+        folder = output_dir(trainer, "deconvnet") / (name or "")
         folder.mkdir(parents=True, exist_ok=True)
         written = []
         self.rows = []

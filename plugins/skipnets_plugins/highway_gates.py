@@ -9,6 +9,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from skipnets.data.analysis import Split, analysis_split, check_split, inputs_of
@@ -56,7 +57,7 @@ class HighwayGates(Callback):
     Writes ``<run dir>/highway_gates/highway_gates.csv`` (epoch, step, layer, block, unit,
     gate_bias, mean_gate, example_gate, example_output) and ``highway_gates_epoch<E>.png`` (four
     panels, layer against unit, as in the paper), logging the figure and, at the end of fit, the
-    table.
+    table. On a trained checkpoint: ``skipnets analyse HighwayGates --config ... --ckpt_path ...``.
 
     Args:
         split: the data module's split to average gate activity over (the paper: training set).
@@ -131,6 +132,13 @@ class HighwayGates(Callback):
             self.measure(trainer, pl_module, epoch=self._last_epoch)
         if trainer.is_global_zero and self.rows:
             log_rows(trainer, "highway_gates/table", COLUMNS, self.rows)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A standalone `validate` (``skipnets analyse HighwayGates``): the checkpoint's weights.
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            self.measure(trainer, pl_module)
+            if trainer.is_global_zero and self.rows:
+                log_rows(trainer, "highway_gates/table", COLUMNS, self.rows)
 
     @torch.no_grad()
     def measure(
