@@ -35,14 +35,13 @@ def _train_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps
 
 
 def main(quick: bool = False) -> list[Row]:
-    from skipnets.models.resnet import linear_decay
     from skipnets.nn import skip_blocks
     from skipnets.registry import create_model
 
     torch.manual_seed(0)
     plain = create_model("resnet110").train()
-    dropped = create_model("resnet110").train()
-    linear_decay(dropped, survival_prob_last=0.5, drop_mode="batch")
+    # Huang et al.'s linear decay to 0.5, blocks dropped whole (batch mode).
+    dropped = create_model("resnet110_sd", survival_prob_last=0.5, drop_mode="batch").train()
     generator = torch.Generator().manual_seed(0)
     blocks = [block for _, block in skip_blocks(dropped)]
     for block in blocks:

@@ -12,14 +12,14 @@ The CLI imports every entry point before it parses its config. jsonargparse reso
 class name (``class_path: BlockCensus``) or by its full import path. A plugin that fails to import
 is reported with a warning and skipped; a config that names it stops with that import error.
 
-Setting ``SKIPNETS_NO_PLUGIN_AUTOLOAD=1`` turns autoloading off: no entry point is imported, short
-names of plugin classes no longer resolve, full import paths still work.
+Setting ``SKIPNETS_NO_PLUGIN_AUTOLOAD=1`` turns autoloading off (``skipnets.autoload``, the switch
+the registry obeys too): no entry point is imported, short names of plugin classes no longer
+resolve, full import paths still work.
 """
 
 from __future__ import annotations
 
 import inspect
-import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -27,6 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from skipnets.autoload import AUTOLOAD_ENV, autoload_enabled
 from skipnets.errors import ConfigError
 
 __all__ = [
@@ -41,7 +42,6 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "skipnets.plugins"
-AUTOLOAD_ENV = "SKIPNETS_NO_PLUGIN_AUTOLOAD"
 
 
 class PluginLoadWarning(UserWarning):
@@ -83,10 +83,6 @@ class Plugin:
 
 
 _discovered: list[Plugin] | None = None
-
-
-def autoload_enabled() -> bool:
-    return os.environ.get(AUTOLOAD_ENV, "").strip().lower() in ("", "0", "false", "no")
 
 
 def _entry_points() -> list[metadata.EntryPoint]:

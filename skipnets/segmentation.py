@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Literal
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -40,47 +40,21 @@ class Segmenter(Classifier):
     Args:
         arch: registered segmentation model (``skipnets models`` lists them; task
             "segmentation").
-        arch_kwargs, num_classes, input_shape, label_smoothing, weight_decay_norm_and_bias,
-        optimizer, lr_scheduler, channels_last, compile, lr_scheduler_interval: as for
-            ``Classifier``; ``num_classes`` and ``input_shape`` are linked from the data module
-            by the CLI.
+        kwargs: ``Classifier``'s other arguments, with the same meaning; ``num_classes``
+            defaults to the model's own.
     """
 
-    def __init__(
-        self,
-        arch: str = "unet",
-        arch_kwargs: dict[str, Any] | None = None,
-        num_classes: int | None = None,
-        input_shape: tuple[int, ...] | None = None,
-        label_smoothing: float = 0.0,
-        weight_decay_norm_and_bias: bool = True,
-        optimizer: dict[str, Any] | None = None,
-        lr_scheduler: dict[str, Any] | None = None,
-        channels_last: bool = False,
-        compile: bool | dict[str, Any] = False,
-        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
-    ) -> None:
+    def __init__(self, arch: str = "unet", **kwargs: Any) -> None:
         info = model_info(arch)
         if info.task != "segmentation":
             raise ConfigError(
                 f"{arch} is a {info.task} model; Segmenter trains segmentation models "
                 "(use the Classifier for classifiers)"
             )
-        if num_classes is None:
-            num_classes = (arch_kwargs or {}).get("num_classes") or _default_classes(info.builder)
-        super().__init__(
-            arch=arch,
-            arch_kwargs=arch_kwargs,
-            num_classes=num_classes,
-            input_shape=input_shape,
-            label_smoothing=label_smoothing,
-            weight_decay_norm_and_bias=weight_decay_norm_and_bias,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            channels_last=channels_last,
-            compile=compile,
-            lr_scheduler_interval=lr_scheduler_interval,
-        )
+        if kwargs.get("num_classes") is None:
+            arch_kwargs = kwargs.get("arch_kwargs") or {}
+            kwargs["num_classes"] = arch_kwargs.get("num_classes") or _default_classes(info.builder)
+        super().__init__(arch=arch, **kwargs)
 
     @staticmethod
     def _split_metrics(num_classes: int) -> MetricCollection:

@@ -133,3 +133,27 @@ def test_autoload_switch_keeps_third_party_models_out(monkeypatch, scratch_regis
     monkeypatch.setenv("SKIPNETS_NO_PLUGIN_AUTOLOAD", "1")
     assert "resnet20" in skipnets.list_models()
     assert loaded == []
+
+
+def test_a_variant_takes_the_rest_of_its_builders_arguments(scratch_registry):
+    def toy(depth: int, width: int = 4, num_classes: int = 2) -> nn.Module:
+        return nn.Sequential(*[nn.Linear(width, width) for _ in range(depth)])
+
+    skipnets.register_model(
+        registry.variant("toy_3", toy, "Three layers.", depth=3), family="toy", has_skip=False
+    )
+    assert skipnets.model_info("toy_3").summary == "Three layers."
+    assert len(skipnets.create_model("toy_3", width=5)) == 3
+    assert skipnets.model_info("toy_3").builder(6)[0].in_features == 6  # positional, as before
+    with pytest.raises(ConfigError, match=r"does not take 'depth'; it takes: width, num_classes"):
+        skipnets.create_model("toy_3", depth=4)
+    with pytest.raises(TypeError, match="takes no argument height"):
+        registry.variant("toy_bad", toy, "", height=3)
+
+
+def test_renamed_keywords_still_build_with_a_warning():
+    with pytest.warns(FutureWarning, match="'drop_rate' is now called 'dropout'"):
+        model = skipnets.create_model("densenet_40_12", drop_rate=0.2)
+    assert {layer.dropout for layer in model.modules() if hasattr(layer, "growth_rate")} == {0.2}
+    with pytest.raises(ConfigError, match="both 'drop_rate' and 'dropout'"):
+        skipnets.create_model("densenet", drop_rate=0.2, dropout=0.1)

@@ -55,7 +55,7 @@ def test_plain_downsampling_block_cannot_be_lesioned():
 
 
 def test_highway_math_and_gate_bias():
-    layer = HighwayLinear(5, act="tanh", gate_bias=-3.0)
+    layer = HighwayLinear(5, activation="tanh", gate_bias=-3.0)
     assert torch.all(layer.gate.bias == -3.0)
     x = torch.randn(7, 5)
     h = torch.tanh(layer.transform(x))

@@ -1,6 +1,11 @@
-"""The first-party zoo; importing this package registers every family."""
+"""The first-party zoo; importing this package registers every family.
+
+The registry never imports it by name: skipnets' ``skipnets.models`` entry point names this
+package, as another package's entry point names its own architectures.
+"""
 
 from skipnets.models import (
+    airbench,
     alexnet,
     cascade,
     densenet,
@@ -17,6 +22,7 @@ from skipnets.models import (
 )
 
 __all__ = [
+    "airbench",
     "alexnet",
     "cascade",
     "densenet",

@@ -11,16 +11,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from skipnets.errors import ConfigError
-from skipnets.registry import ImageInput, Paper, register_model
-
-KRIZHEVSKY_2012 = Paper(
-    "ImageNet Classification with Deep Convolutional Neural Networks",
-    "Krizhevsky, Sutskever, Hinton",
-    2012,
-)
-ZEILER_2014 = Paper(
-    "Visualizing and Understanding Convolutional Networks", "Zeiler, Fergus", 2014, "1311.2901"
-)
+from skipnets.papers import KRIZHEVSKY_2012, ZEILER_2014
+from skipnets.registry import ImageInput, register_model
 
 
 def local_response_norm() -> nn.LocalResponseNorm:

@@ -14,10 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from skipnets.errors import ConfigError
-from skipnets.nn import SkipBlock, activation
-from skipnets.registry import Paper, VectorInput, register_model
-
-LANG_WITBROCK_1988 = Paper("Learning to Tell Two Spirals Apart", "Lang, Witbrock", 1988)
+from skipnets.nn import SkipBlock, activation_layer
+from skipnets.papers import LANG_WITBROCK_1988
+from skipnets.registry import VectorInput, register_model
 
 
 class CascadeLayer(SkipBlock):
@@ -25,11 +24,11 @@ class CascadeLayer(SkipBlock):
 
     kind = "dense"
 
-    def __init__(self, in_features: int, width: int, act: str = "tanh") -> None:
+    def __init__(self, in_features: int, width: int, activation: str = "tanh") -> None:
         super().__init__()
         self.width = width
         self.linear = nn.Linear(in_features, width)
-        self.act = activation(act)
+        self.act = activation_layer(activation)
 
     def branch(self, x: Tensor) -> Tensor:
         return self.act(self.linear(x))
@@ -45,7 +44,7 @@ class CascadeMLP(nn.Module):
     """Hidden layers with shortcut connections from the input and all earlier layers."""
 
     def __init__(
-        self, in_features: int, num_classes: int, depth: int, width: int, act: str = "tanh"
+        self, in_features: int, num_classes: int, depth: int, width: int, activation: str = "tanh"
     ) -> None:
         super().__init__()
         if depth < 1 or width < 1 or in_features < 1 or num_classes < 1:
@@ -53,7 +52,7 @@ class CascadeMLP(nn.Module):
         self.in_features, self.num_classes = in_features, num_classes
         layers = []
         for stage in range(depth):
-            layer = CascadeLayer(in_features + stage * width, width, act)
+            layer = CascadeLayer(in_features + stage * width, width, activation)
             layer.stage = stage
             layers.append(layer)
         self.layers = nn.Sequential(*layers)

@@ -23,14 +23,8 @@ from torch import Tensor, nn
 
 from skipnets.errors import ConfigError
 from skipnets.nn import SkipBlock
-from skipnets.registry import ImageInput, Paper, register_model
-
-HUANG_2017 = Paper(
-    "Densely Connected Convolutional Networks",
-    "Huang, Liu, van der Maaten, Weinberger",
-    2017,
-    "1608.06993",
-)
+from skipnets.papers import HUANG_2017
+from skipnets.registry import ImageInput, register_model, variant
 
 
 class DenseLayer(SkipBlock):
@@ -43,11 +37,11 @@ class DenseLayer(SkipBlock):
         in_channels: int,
         growth_rate: int,
         bottleneck_width: int | None,
-        drop_rate: float = 0.0,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.growth_rate = growth_rate
-        self.drop_rate = drop_rate
+        self.dropout = dropout
         self.norm1 = nn.BatchNorm2d(in_channels)
         self.relu1 = nn.ReLU()
         if bottleneck_width:
@@ -69,7 +63,7 @@ class DenseLayer(SkipBlock):
         return self._drop(self.conv2(self.relu2(self.norm2(out))))
 
     def _drop(self, x: Tensor) -> Tensor:
-        return F.dropout(x, self.drop_rate, self.training) if self.drop_rate else x
+        return F.dropout(x, self.dropout, self.training) if self.dropout else x
 
     def combine(self, shortcut: Tensor, branch: Tensor) -> Tensor:
         return torch.cat([shortcut, branch], dim=1)
@@ -82,13 +76,13 @@ class DenseLayer(SkipBlock):
 class Transition(nn.Sequential):
     """BN-ReLU-conv1x1-avgpool2x2 between dense blocks (dropout after the conv, if any)."""
 
-    def __init__(self, in_channels: int, out_channels: int, drop_rate: float = 0.0) -> None:
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.norm = nn.BatchNorm2d(in_channels)
         self.relu = nn.ReLU()
         self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
-        if drop_rate:
-            self.drop = nn.Dropout(drop_rate)
+        if dropout:
+            self.drop = nn.Dropout(dropout)
         self.pool = nn.AvgPool2d(2, stride=2)
 
 
@@ -110,7 +104,7 @@ class DenseNet(nn.Module):
         num_classes: int = 10,
         in_channels: int = 3,
         imagenet_stem: bool = False,
-        drop_rate: float = 0.0,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if num_classes < 1 or in_channels < 1:
@@ -119,8 +113,8 @@ class DenseNet(nn.Module):
             raise ConfigError("growth_rate and the layers of every dense block must be positive")
         if not 0.0 < compression <= 1.0:
             raise ConfigError(f"compression must be in (0, 1], got {compression}")
-        if not 0.0 <= drop_rate < 1.0:
-            raise ConfigError(f"drop_rate must be in [0, 1), got {drop_rate}")
+        if not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
         self.num_classes, self.in_channels = num_classes, in_channels
         if imagenet_stem:
             stem = [
@@ -137,14 +131,14 @@ class DenseNet(nn.Module):
         for i, count in enumerate(layers_per_block):
             block = nn.Sequential()
             for j in range(count):
-                layer = DenseLayer(channels, growth_rate, bottleneck_width, drop_rate)
+                layer = DenseLayer(channels, growth_rate, bottleneck_width, dropout)
                 layer.stage = i
                 block.add_module(f"denselayer{j + 1}", layer)
                 channels += growth_rate
             self.features.add_module(f"denseblock{i + 1}", block)
             if i < len(layers_per_block) - 1:
                 out = int(channels * compression)
-                self.features.add_module(f"transition{i + 1}", Transition(channels, out, drop_rate))
+                self.features.add_module(f"transition{i + 1}", Transition(channels, out, dropout))
                 channels = out
         self.features.add_module(f"norm{len(layers_per_block) + 1}", nn.BatchNorm2d(channels))
         self.classifier = nn.Linear(channels, num_classes)
@@ -171,15 +165,17 @@ class DenseNet(nn.Module):
 
 _cifar = dict(family="densenet", paper=HUANG_2017, input=ImageInput(3, 32), has_skip=True)
 _imagenet = dict(family="densenet", paper=HUANG_2017, input=ImageInput(3, 224), has_skip=True)
+#: The CIFAR builders called dropout ``drop_rate`` (torchvision's name) before.
+_renamed = {"drop_rate": "dropout"}
 
 
-@register_model(**_cifar)
+@register_model(**_cifar, renamed=_renamed)
 def densenet(
     depth: int = 40,
     growth_rate: int = 12,
     bottleneck: bool = False,
     compression: float = 1.0,
-    drop_rate: float = 0.0,
+    dropout: float = 0.0,
     num_classes: int = 10,
     in_channels: int = 3,
 ) -> DenseNet:
@@ -201,73 +197,42 @@ def densenet(
         compression=compression,
         num_classes=num_classes,
         in_channels=in_channels,
-        drop_rate=drop_rate,
+        dropout=dropout,
     )
 
 
-@register_model(**_cifar)
-def densenet_40_12(drop_rate: float = 0.0, num_classes: int = 10, in_channels: int = 3) -> DenseNet:
-    """DenseNet (L=40, k=12), 1.0M parameters."""
-    return densenet(40, 12, False, 1.0, drop_rate, num_classes, in_channels)
+#: Huang et al. 2017, Table 2: depth L, growth rate k, and the parameters it reports.
+CIFAR = {
+    "densenet_40_12": (40, 12, "1.0M"),
+    "densenet_100_12": (100, 12, "7.0M"),
+    "densenet_100_24": (100, 24, "27.2M"),
+}
+CIFAR_BC = {  # with bottleneck layers and compression 0.5
+    "densenet_bc_100_12": (100, 12, "0.8M"),
+    "densenet_bc_250_24": (250, 24, "15.3M"),
+    "densenet_bc_190_40": (190, 40, "25.6M"),
+}
+for table, bc in ((CIFAR, False), (CIFAR_BC, True)):
+    for name, (depth, growth_rate, count) in table.items():
+        summary = f"DenseNet{'-BC' if bc else ''} (L={depth}, k={growth_rate}), {count} parameters."
+        fixed = dict(
+            depth=depth, growth_rate=growth_rate, bottleneck=bc, compression=0.5 if bc else 1.0
+        )
+        register_model(variant(name, densenet, summary, **fixed), **_cifar, renamed=_renamed)
 
 
-@register_model(**_cifar)
-def densenet_100_12(
-    drop_rate: float = 0.0, num_classes: int = 10, in_channels: int = 3
-) -> DenseNet:
-    """DenseNet (L=100, k=12), 7.0M parameters."""
-    return densenet(100, 12, False, 1.0, drop_rate, num_classes, in_channels)
-
-
-@register_model(**_cifar)
-def densenet_100_24(
-    drop_rate: float = 0.0, num_classes: int = 10, in_channels: int = 3
-) -> DenseNet:
-    """DenseNet (L=100, k=24), 27.2M parameters."""
-    return densenet(100, 24, False, 1.0, drop_rate, num_classes, in_channels)
-
-
-def _bc(depth: int, growth_rate: int, drop_rate: float, num_classes: int, in_channels: int):
-    return densenet(depth, growth_rate, True, 0.5, drop_rate, num_classes, in_channels)
-
-
-@register_model(**_cifar)
-def densenet_bc_100_12(
-    drop_rate: float = 0.0,
-    num_classes: int = 10,
+def imagenet_densenet(
+    layers_per_block: Sequence[int],
+    growth_rate: int,
+    stem_width: int,
+    num_classes: int = 1000,
     in_channels: int = 3,
 ) -> DenseNet:
-    """DenseNet-BC (L=100, k=12), 0.8M parameters."""
-    return _bc(100, 12, drop_rate, num_classes, in_channels)
-
-
-@register_model(**_cifar)
-def densenet_bc_250_24(
-    drop_rate: float = 0.0,
-    num_classes: int = 10,
-    in_channels: int = 3,
-) -> DenseNet:
-    """DenseNet-BC (L=250, k=24), 15.3M parameters."""
-    return _bc(250, 24, drop_rate, num_classes, in_channels)
-
-
-@register_model(**_cifar)
-def densenet_bc_190_40(
-    drop_rate: float = 0.0,
-    num_classes: int = 10,
-    in_channels: int = 3,
-) -> DenseNet:
-    """DenseNet-BC (L=190, k=40), 25.6M parameters."""
-    return _bc(190, 40, drop_rate, num_classes, in_channels)
-
-
-def _imagenet_densenet(
-    blocks: Sequence[int], growth_rate: int, stem: int, num_classes: int, in_channels: int
-) -> DenseNet:
+    """An ImageNet DenseNet-BC: 7x7 stem, bottleneck layers, compression 0.5."""
     return DenseNet(
-        blocks,
+        layers_per_block,
         growth_rate,
-        stem,
+        stem_width,
         bn_size=4,
         compression=0.5,
         num_classes=num_classes,
@@ -276,25 +241,18 @@ def _imagenet_densenet(
     )
 
 
-@register_model(**_imagenet)
-def densenet121(num_classes: int = 1000, in_channels: int = 3) -> DenseNet:
-    """DenseNet-121 (BC, k=32) for ImageNet: dense blocks of 6, 12, 24, 16 layers."""
-    return _imagenet_densenet([6, 12, 24, 16], 32, 64, num_classes, in_channels)
-
-
-@register_model(**_imagenet)
-def densenet161(num_classes: int = 1000, in_channels: int = 3) -> DenseNet:
-    """DenseNet-161 (BC, k=48) for ImageNet: dense blocks of 6, 12, 36, 24 layers."""
-    return _imagenet_densenet([6, 12, 36, 24], 48, 96, num_classes, in_channels)
-
-
-@register_model(**_imagenet)
-def densenet169(num_classes: int = 1000, in_channels: int = 3) -> DenseNet:
-    """DenseNet-169 (BC, k=32) for ImageNet: dense blocks of 6, 12, 32, 32 layers."""
-    return _imagenet_densenet([6, 12, 32, 32], 32, 64, num_classes, in_channels)
-
-
-@register_model(**_imagenet)
-def densenet201(num_classes: int = 1000, in_channels: int = 3) -> DenseNet:
-    """DenseNet-201 (BC, k=32) for ImageNet: dense blocks of 6, 12, 48, 32 layers."""
-    return _imagenet_densenet([6, 12, 48, 32], 32, 64, num_classes, in_channels)
+#: The layers of each dense block and the growth rate k (the stem is 2k wide): Huang et al.
+#: 2017, Table 1, and the k = 48 DenseNet-161 of the authors' release (torchvision's too).
+IMAGENET = {
+    "densenet121": ((6, 12, 24, 16), 32),
+    "densenet161": ((6, 12, 36, 24), 48),
+    "densenet169": ((6, 12, 32, 32), 32),
+    "densenet201": ((6, 12, 48, 32), 32),
+}
+for name, (layers, growth_rate) in IMAGENET.items():
+    summary = (
+        f"DenseNet-{name[8:]} (BC, k={growth_rate}) for ImageNet: dense blocks of "
+        f"{', '.join(map(str, layers))} layers."
+    )
+    fixed = dict(layers_per_block=layers, growth_rate=growth_rate, stem_width=2 * growth_rate)
+    register_model(variant(name, imagenet_densenet, summary, **fixed), **_imagenet)

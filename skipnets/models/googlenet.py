@@ -27,14 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from skipnets.errors import ConfigError
-from skipnets.registry import ImageInput, Paper, register_model
-
-SZEGEDY_2015 = Paper(
-    "Going Deeper with Convolutions",
-    "Szegedy, Liu, Jia, Sermanet, Reed, Anguelov, Erhan, Vanhoucke, Rabinovich",
-    2015,
-    "1409.4842",
-)
+from skipnets.papers import SZEGEDY_2015
+from skipnets.registry import ImageInput, register_model
 
 #: Table 1: #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj.
 INCEPTION = {
@@ -123,7 +117,17 @@ class AuxHead(nn.Module):
         return self.fc2(self.dropout(F.relu(self.fc1(x), inplace=True)))
 
 
+@register_model(
+    name="googlenet",
+    family="googlenet",
+    paper=SZEGEDY_2015,
+    input=ImageInput(3, 224),
+    has_skip=False,
+)
 class GoogLeNet(nn.Module):
+    """GoogLeNet (Inception v1): nine inception modules with the paper's 5x5 branch; options for
+    the auxiliary classifiers and for torchvision's 3x3-branch, batch-norm variant."""
+
     def __init__(
         self,
         num_classes: int = 1000,
@@ -221,19 +225,3 @@ class GoogLeNet(nn.Module):
         if self.aux_outputs is None:
             return target.new_zeros((), dtype=torch.float32)
         return weight * sum(F.cross_entropy(logits, target) for logits in self.aux_outputs)
-
-
-@register_model(family="googlenet", paper=SZEGEDY_2015, input=ImageInput(3, 224), has_skip=False)
-def googlenet(
-    num_classes: int = 1000,
-    in_channels: int = 3,
-    aux_logits: bool = False,
-    torchvision_compat: bool = False,
-    transform_input: bool = False,
-    dropout: float | None = None,
-) -> GoogLeNet:
-    """GoogLeNet (Inception v1): nine inception modules with the paper's 5x5 branch; options for
-    the auxiliary classifiers and for torchvision's 3x3-branch, batch-norm variant."""
-    return GoogLeNet(
-        num_classes, in_channels, aux_logits, torchvision_compat, transform_input, dropout
-    )

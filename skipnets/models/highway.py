@@ -17,12 +17,9 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from skipnets.errors import ConfigError
-from skipnets.nn import Highway, activation
-from skipnets.registry import ImageInput, Paper, register_model
-
-SRIVASTAVA_2015 = Paper(
-    "Training Very Deep Networks", "Srivastava, Greff, Schmidhuber", 2015, "1507.06228"
-)
+from skipnets.nn import Highway, activation_layer
+from skipnets.papers import SRIVASTAVA_2015
+from skipnets.registry import ImageInput, register_model
 
 
 class HighwayConv(Highway):
@@ -30,13 +27,13 @@ class HighwayConv(Highway):
     position while observed."""
 
     def __init__(
-        self, channels: int, kernel_size: int = 3, act: str = "relu", gate_bias: float = -2.0
+        self, channels: int, kernel_size: int = 3, activation: str = "relu", gate_bias: float = -2.0
     ) -> None:
         padding = kernel_size // 2
         super().__init__(
             nn.Conv2d(channels, channels, kernel_size, padding=padding),
             nn.Conv2d(channels, channels, kernel_size, padding=padding),
-            act,
+            activation,
             gate_bias,
         )
 
@@ -50,7 +47,7 @@ class HighwayCNN(nn.Module):
         widths: Sequence[int],
         num_classes: int = 10,
         in_channels: int = 3,
-        act: str = "relu",
+        activation: str = "relu",
         gate_bias: float = -2.0,
         kernel_size: int = 3,
     ) -> None:
@@ -64,17 +61,17 @@ class HighwayCNN(nn.Module):
         self.num_classes, self.in_channels = num_classes, in_channels
         layers: list[nn.Module] = [
             nn.Conv2d(in_channels, widths[0], kernel_size, padding=kernel_size // 2),
-            activation(act),
+            activation_layer(activation),
         ]
         for stage, width in enumerate(widths):
             if stage > 0:
                 layers += [
                     nn.Conv2d(widths[stage - 1], width, kernel_size, padding=kernel_size // 2),
-                    activation(act),
+                    activation_layer(activation),
                     nn.MaxPool2d(2),
                 ]
             for _ in range(layers_per_stage):
-                block = HighwayConv(width, kernel_size, act, gate_bias)
+                block = HighwayConv(width, kernel_size, activation, gate_bias)
                 block.stage = stage
                 layers.append(block)
         self.features = nn.Sequential(*layers)

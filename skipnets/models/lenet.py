@@ -27,13 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from skipnets.errors import ConfigError
-from skipnets.registry import ImageInput, Paper, register_model
-
-LECUN_1998 = Paper(
-    "Gradient-Based Learning Applied to Document Recognition",
-    "LeCun, Bottou, Bengio, Haffner",
-    1998,
-)
+from skipnets.papers import LECUN_1998
+from skipnets.registry import ImageInput, register_model
 
 #: Table I: the S2 maps each C3 map takes its input from.
 C3_TABLE: tuple[tuple[int, ...], ...] = (

@@ -11,13 +11,9 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from skipnets.errors import ConfigError
-from skipnets.models.resnet import HE_2016
-from skipnets.nn import HighwayLinear, PlainLinear, ResidualLinear, SkipBlock, activation
-from skipnets.registry import Paper, VectorInput, register_model
-
-SRIVASTAVA_2015 = Paper(
-    "Training Very Deep Networks", "Srivastava, Greff, Schmidhuber", 2015, "1507.06228"
-)
+from skipnets.nn import HighwayLinear, PlainLinear, ResidualLinear, SkipBlock, activation_layer
+from skipnets.papers import HE_2016, SRIVASTAVA_2015
+from skipnets.registry import VectorInput, register_model, variant
 
 
 class MLP(nn.Module):
@@ -30,19 +26,19 @@ class MLP(nn.Module):
         depth: int,
         width: int,
         make_block: Callable[[], SkipBlock],
-        act: str = "relu",
+        activation: str = "relu",
     ) -> None:
         super().__init__()
         if depth < 2:
             raise ConfigError(f"depth must be at least 2 (input layer and head), got {depth}")
         if width < 1 or in_features < 1 or num_classes < 1:
             raise ConfigError("width, in_features and num_classes must be positive")
-        self.stem = nn.Sequential(nn.Linear(in_features, width), activation(act))
+        self.stem = nn.Sequential(nn.Linear(in_features, width), activation_layer(activation))
         self.blocks = nn.Sequential(*(make_block() for _ in range(depth - 2)))
         self.head = nn.Linear(width, num_classes)
         self.num_features = width
         self.in_features, self.num_classes = in_features, num_classes
-        gain_name = act if act in ("relu", "tanh", "sigmoid") else "relu"
+        gain_name = activation if activation in ("relu", "tanh", "sigmoid") else "relu"
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 # Variance-preserving init, as both papers use for their plain baselines.
@@ -58,8 +54,8 @@ class MLP(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-@register_model(family="plain", paper=SRIVASTAVA_2015, input=VectorInput(), has_skip=False)
-def plain_mlp(
+def same_shape_mlp(
+    block: type[PlainLinear],
     depth: int = 10,
     width: int = 64,
     activation: str = "relu",
@@ -67,34 +63,34 @@ def plain_mlp(
     in_features: int = 784,
     num_classes: int = 10,
 ) -> MLP:
-    """Plain fully connected net: the baseline that gets harder to train as it gets deeper."""
+    """An MLP whose same-shape layers are ``block(width, activation, norm)``."""
     return MLP(
-        in_features,
-        num_classes,
-        depth,
-        width,
-        lambda: PlainLinear(width, activation, norm),
-        activation,
+        in_features, num_classes, depth, width, lambda: block(width, activation, norm), activation
     )
 
 
-@register_model(family="resnet", paper=HE_2016, input=VectorInput(), has_skip=True)
-def residual_mlp(
-    depth: int = 10,
-    width: int = 64,
-    activation: str = "relu",
-    norm: bool = False,
-    in_features: int = 784,
-    num_classes: int = 10,
-) -> MLP:
-    """Residual fully connected net ``y = x + act(W x + b)``: plain_mlp plus identity shortcuts."""
-    return MLP(
-        in_features,
-        num_classes,
-        depth,
-        width,
-        lambda: ResidualLinear(width, activation, norm),
-        activation,
+#: name: (same-shape layer, family, paper, summary); the two differ only in the skip path.
+SAME_SHAPE = {
+    "plain_mlp": (
+        PlainLinear,
+        "plain",
+        SRIVASTAVA_2015,
+        "Plain fully connected net: the baseline that gets harder to train as it gets deeper.",
+    ),
+    "residual_mlp": (
+        ResidualLinear,
+        "resnet",
+        HE_2016,
+        "Residual fully connected net ``y = x + act(W x + b)``: plain_mlp plus identity shortcuts.",
+    ),
+}
+for name, (block, family, paper, summary) in SAME_SHAPE.items():
+    register_model(
+        variant(name, same_shape_mlp, summary, block=block),
+        family=family,
+        paper=paper,
+        input=VectorInput(),
+        has_skip=block.kind != "plain",
     )
 
 

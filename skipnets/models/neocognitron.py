@@ -40,13 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from skipnets.errors import ConfigError
-from skipnets.registry import ImageInput, Paper, register_model
-
-FUKUSHIMA_1988 = Paper(
-    "Neocognitron: A hierarchical neural network capable of visual pattern recognition",
-    "Fukushima",
-    1988,
-)
+from skipnets.papers import FUKUSHIMA_1988
+from skipnets.registry import ImageInput, register_model
 
 
 def decreasing_profile(kernel: int, spread: float = 0.5) -> Tensor:

@@ -16,9 +16,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from skipnets.errors import ConfigError
-from skipnets.registry import ImageInput, Paper, register_model
-
-LIN_2014 = Paper("Network In Network", "Lin, Chen, Yan", 2014, "1312.4400")
+from skipnets.papers import LIN_2014
+from skipnets.registry import ImageInput, register_model
 
 
 def mlpconv(in_channels: int, widths: tuple[int, int, int], kernel: int) -> list[nn.Module]:

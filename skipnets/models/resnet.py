@@ -23,20 +23,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from skipnets.errors import ConfigError
-from skipnets.nn import BasicBlock, SkipBlock, skip_blocks
+from skipnets.nn import (
+    BasicBlock,
+    SkipBlock,
+    check_drop_mode,
+    check_survival_prob,
+    linear_decay,
+    skip_blocks,
+)
 from skipnets.nn.blocks import ShortcutType, conv3x3, projection
-from skipnets.registry import ImageInput, Paper, register_model
-
-HE_2016 = Paper(
-    "Deep Residual Learning for Image Recognition", "He, Zhang, Ren, Sun", 2016, "1512.03385"
-)
-HE_2016B = Paper(
-    "Identity Mappings in Deep Residual Networks", "He, Zhang, Ren, Sun", 2016, "1603.05027"
-)
-ZAGORUYKO_2016 = Paper("Wide Residual Networks", "Zagoruyko, Komodakis", 2016, "1605.07146")
-HUANG_2016 = Paper(
-    "Deep Networks with Stochastic Depth", "Huang, Sun, Liu, Sedra, Weinberger", 2016, "1603.09382"
-)
+from skipnets.papers import HE_2016, HE_2016B, HUANG_2016, ZAGORUYKO_2016
+from skipnets.registry import ImageInput, register_model, variant
 
 StrideAt = Literal["3x3", "1x1"]
 
@@ -104,64 +101,24 @@ class CifarResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def cifar_resnet(depth: int, num_classes: int = 10, in_channels: int = 3, **kwargs) -> CifarResNet:
+def cifar_resnet(
+    depth: int, num_classes: int = 10, in_channels: int = 3, shortcut: ShortcutType = "A"
+) -> CifarResNet:
+    """A CIFAR ResNet of depth ``6n + 2``: ``n`` basic blocks per stage."""
     if depth < 8 or (depth - 2) % 6:
         raise ConfigError(
             f"a CIFAR ResNet has depth 6n + 2 (20, 32, 44, 56, 110, ...), not {depth}"
         )
     n = (depth - 2) // 6
-    return CifarResNet([n, n, n], num_classes, in_channels, **kwargs)
+    return CifarResNet([n, n, n], num_classes, in_channels, shortcut=shortcut)
 
 
 _cifar = dict(family="resnet", paper=HE_2016, input=ImageInput(3, 32), has_skip=True)
 
-
-@register_model(**_cifar)
-def resnet20(
-    num_classes: int = 10, in_channels: int = 3, shortcut: ShortcutType = "A"
-) -> CifarResNet:
-    """ResNet-20 for CIFAR: 3 basic blocks per stage."""
-    return cifar_resnet(20, num_classes, in_channels, shortcut=shortcut)
-
-
-@register_model(**_cifar)
-def resnet32(
-    num_classes: int = 10, in_channels: int = 3, shortcut: ShortcutType = "A"
-) -> CifarResNet:
-    """ResNet-32 for CIFAR: 5 basic blocks per stage."""
-    return cifar_resnet(32, num_classes, in_channels, shortcut=shortcut)
-
-
-@register_model(**_cifar)
-def resnet44(
-    num_classes: int = 10, in_channels: int = 3, shortcut: ShortcutType = "A"
-) -> CifarResNet:
-    """ResNet-44 for CIFAR: 7 basic blocks per stage."""
-    return cifar_resnet(44, num_classes, in_channels, shortcut=shortcut)
-
-
-@register_model(**_cifar)
-def resnet56(
-    num_classes: int = 10, in_channels: int = 3, shortcut: ShortcutType = "A"
-) -> CifarResNet:
-    """ResNet-56 for CIFAR: 9 basic blocks per stage."""
-    return cifar_resnet(56, num_classes, in_channels, shortcut=shortcut)
-
-
-@register_model(**_cifar)
-def resnet110(
-    num_classes: int = 10, in_channels: int = 3, shortcut: ShortcutType = "A"
-) -> CifarResNet:
-    """ResNet-110 for CIFAR: 18 basic blocks per stage."""
-    return cifar_resnet(110, num_classes, in_channels, shortcut=shortcut)
-
-
-@register_model(**_cifar)
-def resnet1202(
-    num_classes: int = 10, in_channels: int = 3, shortcut: ShortcutType = "A"
-) -> CifarResNet:
-    """ResNet-1202 for CIFAR: 200 basic blocks per stage."""
-    return cifar_resnet(1202, num_classes, in_channels, shortcut=shortcut)
+#: He et al. 2016, Table 6: the depths of the CIFAR-10 experiments.
+for depth in (20, 32, 44, 56, 110, 1202):
+    summary = f"ResNet-{depth} for CIFAR: {(depth - 2) // 6} basic blocks per stage."
+    register_model(variant(f"resnet{depth}", cifar_resnet, summary, depth=depth), **_cifar)
 
 
 @register_model(family="plain", paper=HE_2016, input=ImageInput(3, 32), has_skip=False)
@@ -171,68 +128,37 @@ def plain_cnn(depth: int = 20, num_classes: int = 10, in_channels: int = 3) -> C
 
 
 # -- stochastic depth --------------------------------------------------------------------------
-def linear_decay(
-    model: nn.Module,
+def stochastic_depth_resnet(
+    depth: int,
+    num_classes: int = 10,
+    in_channels: int = 3,
     survival_prob_last: float = 0.5,
     drop_mode: Literal["batch", "sample"] = "batch",
     scaling: Literal["test", "inverted"] = "test",
-) -> nn.Module:
-    """Huang et al.'s linear decay rule: block ``l`` of ``L`` survives with probability
-    ``1 - l / L * (1 - survival_prob_last)``; set on every skip block of ``model``, in depth order."""
-    _check_stochastic_depth(survival_prob_last, drop_mode, scaling)
-    blocks = [block for _, block in skip_blocks(model)]
-    for depth, block in enumerate(blocks, start=1):
-        block.survival_prob = 1.0 - depth / len(blocks) * (1.0 - survival_prob_last)
-        block.drop_mode = drop_mode
-        block.scaling = scaling
-    return model
-
-
-def _check_stochastic_depth(survival_prob_last: float, drop_mode: str, scaling: str) -> None:
-    if not 0.0 < survival_prob_last <= 1.0:
-        raise ConfigError(f"survival_prob_last must be in (0, 1], got {survival_prob_last}")
-    if drop_mode not in ("batch", "sample"):
-        raise ConfigError(f"drop_mode must be 'batch' or 'sample', not {drop_mode!r}")
-    if scaling not in ("test", "inverted"):
-        raise ConfigError(f"scaling must be 'test' or 'inverted', not {scaling!r}")
-
-
-def _stochastic_depth_resnet(
-    depth: int, num_classes: int, in_channels: int, survival_prob_last, drop_mode, scaling
 ) -> CifarResNet:
-    _check_stochastic_depth(survival_prob_last, drop_mode, scaling)  # before a long build
+    """A CIFAR ResNet whose blocks start with Huang et al.'s linear decay rule.
+
+    These are the paper's defaults for a model used on its own; a config configures stochastic
+    depth with the ``StochasticDepth`` plugin, which sets every block's probability itself.
+    """
+    check_survival_prob(survival_prob_last, "survival_prob_last")  # before a long build
+    check_drop_mode(drop_mode, scaling)
     model = cifar_resnet(depth, num_classes, in_channels)
-    return linear_decay(model, survival_prob_last, drop_mode, scaling)
+    blocks = [block for _, block in skip_blocks(model)]
+    for block, survival_prob in zip(blocks, linear_decay(len(blocks), survival_prob_last)):
+        block.survival_prob, block.drop_mode, block.scaling = survival_prob, drop_mode, scaling
+    return model
 
 
 _sd = dict(family="stochastic_depth", paper=HUANG_2016, input=ImageInput(3, 32), has_skip=True)
 
-
-@register_model(**_sd)
-def resnet110_sd(
-    num_classes: int = 10,
-    in_channels: int = 3,
-    survival_prob_last: float = 0.5,
-    drop_mode: Literal["batch", "sample"] = "batch",
-    scaling: Literal["test", "inverted"] = "test",
-) -> CifarResNet:
-    """ResNet-110 with stochastic depth: linear decay to p_L = 0.5, one gate per block per batch."""
-    return _stochastic_depth_resnet(
-        110, num_classes, in_channels, survival_prob_last, drop_mode, scaling
+for depth in (110, 1202):
+    summary = (
+        f"ResNet-{depth} with stochastic depth: linear decay to p_L = 0.5, "
+        "one gate per block per batch."
     )
-
-
-@register_model(**_sd)
-def resnet1202_sd(
-    num_classes: int = 10,
-    in_channels: int = 3,
-    survival_prob_last: float = 0.5,
-    drop_mode: Literal["batch", "sample"] = "batch",
-    scaling: Literal["test", "inverted"] = "test",
-) -> CifarResNet:
-    """ResNet-1202 with stochastic depth: linear decay to p_L = 0.5, one gate per block per batch."""
-    return _stochastic_depth_resnet(
-        1202, num_classes, in_channels, survival_prob_last, drop_mode, scaling
+    register_model(
+        variant(f"resnet{depth}_sd", stochastic_depth_resnet, summary, depth=depth), **_sd
     )
 
 
@@ -338,54 +264,23 @@ class ResNet(nn.Module):
 
 _imagenet = dict(family="resnet", paper=HE_2016, input=ImageInput(3, 224), has_skip=True)
 
-
-@register_model(**_imagenet)
-def resnet18(
-    num_classes: int = 1000, in_channels: int = 3, zero_init_residual: bool = False
-) -> ResNet:
-    """ResNet-18 for ImageNet: basic blocks [2, 2, 2, 2]."""
-    return ResNet(False, [2, 2, 2, 2], num_classes, in_channels, "3x3", zero_init_residual)
-
-
-@register_model(**_imagenet)
-def resnet34(
-    num_classes: int = 1000, in_channels: int = 3, zero_init_residual: bool = False
-) -> ResNet:
-    """ResNet-34 for ImageNet: basic blocks [3, 4, 6, 3]."""
-    return ResNet(False, [3, 4, 6, 3], num_classes, in_channels, "3x3", zero_init_residual)
-
-
-@register_model(**_imagenet)
-def resnet50(
-    num_classes: int = 1000,
-    in_channels: int = 3,
-    stride_at: StrideAt = "3x3",
-    zero_init_residual: bool = False,
-) -> ResNet:
-    """ResNet-50 for ImageNet: bottleneck blocks [3, 4, 6, 3]."""
-    return ResNet(True, [3, 4, 6, 3], num_classes, in_channels, stride_at, zero_init_residual)
-
-
-@register_model(**_imagenet)
-def resnet101(
-    num_classes: int = 1000,
-    in_channels: int = 3,
-    stride_at: StrideAt = "3x3",
-    zero_init_residual: bool = False,
-) -> ResNet:
-    """ResNet-101 for ImageNet: bottleneck blocks [3, 4, 23, 3]."""
-    return ResNet(True, [3, 4, 23, 3], num_classes, in_channels, stride_at, zero_init_residual)
-
-
-@register_model(**_imagenet)
-def resnet152(
-    num_classes: int = 1000,
-    in_channels: int = 3,
-    stride_at: StrideAt = "3x3",
-    zero_init_residual: bool = False,
-) -> ResNet:
-    """ResNet-152 for ImageNet: bottleneck blocks [3, 8, 36, 3]."""
-    return ResNet(True, [3, 8, 36, 3], num_classes, in_channels, stride_at, zero_init_residual)
+#: He et al. 2016, Table 1: bottleneck blocks or not, and the blocks of each stage.
+IMAGENET: dict[str, tuple[bool, tuple[int, int, int, int]]] = {
+    "resnet18": (False, (2, 2, 2, 2)),
+    "resnet34": (False, (3, 4, 6, 3)),
+    "resnet50": (True, (3, 4, 6, 3)),
+    "resnet101": (True, (3, 4, 23, 3)),
+    "resnet152": (True, (3, 8, 36, 3)),
+}
+for name, (bottleneck, blocks) in IMAGENET.items():
+    kind = "bottleneck" if bottleneck else "basic"
+    summary = f"ResNet-{name[6:]} for ImageNet: {kind} blocks {list(blocks)}."
+    # A basic block has no 1x1 convolution to put the stride on.
+    fixed = {} if bottleneck else {"stride_at": "3x3"}
+    register_model(
+        variant(name, ResNet, summary, bottleneck=bottleneck, blocks_per_stage=blocks, **fixed),
+        **_imagenet,
+    )
 
 
 # -- pre-activation and wide ResNets -----------------------------------------------------------
@@ -506,26 +401,15 @@ def preact_resnet(depth: int, num_classes: int = 10, in_channels: int = 3) -> Pr
 
 _preact = dict(family="preact_resnet", paper=HE_2016B, input=ImageInput(3, 32), has_skip=True)
 
-
-@register_model(**_preact)
-def preact_resnet110(num_classes: int = 10, in_channels: int = 3) -> PreActResNet:
-    """Pre-activation ResNet-110 for CIFAR: 18 basic units per stage."""
-    return preact_resnet(110, num_classes, in_channels)
-
-
-@register_model(**_preact)
-def preact_resnet164(num_classes: int = 10, in_channels: int = 3) -> PreActResNet:
-    """Pre-activation ResNet-164 for CIFAR: 18 bottleneck units per stage (1.7M parameters)."""
-    return preact_resnet(164, num_classes, in_channels)
-
-
-@register_model(**_preact)
-def preact_resnet1001(num_classes: int = 10, in_channels: int = 3) -> PreActResNet:
-    """Pre-activation ResNet-1001 for CIFAR: 111 bottleneck units per stage.
-
-    The paper's 10.2M counts the convolution and classifier weights; with batch norm it is 10.3M.
-    """
-    return preact_resnet(1001, num_classes, in_channels)
+#: He et al. 2016b: the depths of its CIFAR experiments.
+PREACT = {
+    110: "Pre-activation ResNet-110 for CIFAR: 18 basic units per stage.",
+    164: "Pre-activation ResNet-164 for CIFAR: 18 bottleneck units per stage (1.7M parameters).",
+    1001: "Pre-activation ResNet-1001 for CIFAR: 111 bottleneck units per stage.\n\n"
+    "The paper's 10.2M counts the convolution and classifier weights; with batch norm it is 10.3M.",
+}
+for depth, summary in PREACT.items():
+    register_model(variant(f"preact_resnet{depth}", preact_resnet, summary, depth=depth), **_preact)
 
 
 _wide = dict(family="wide_resnet", paper=ZAGORUYKO_2016, input=ImageInput(3, 32), has_skip=True)
@@ -548,19 +432,11 @@ def wide_resnet(
     return PreActResNet((depth - 4) // 6, widths, False, num_classes, in_channels, 16, dropout)
 
 
-@register_model(**_wide)
-def wrn_16_8(dropout: float = 0.0, num_classes: int = 10, in_channels: int = 3) -> PreActResNet:
-    """WRN-16-8 (11.0M parameters on CIFAR-10)."""
-    return wide_resnet(16, 8, dropout, num_classes, in_channels)
-
-
-@register_model(**_wide)
-def wrn_28_10(dropout: float = 0.0, num_classes: int = 10, in_channels: int = 3) -> PreActResNet:
-    """WRN-28-10 (36.5M parameters on CIFAR-10)."""
-    return wide_resnet(28, 10, dropout, num_classes, in_channels)
-
-
-@register_model(**_wide)
-def wrn_40_4(dropout: float = 0.0, num_classes: int = 10, in_channels: int = 3) -> PreActResNet:
-    """WRN-40-4 (8.9M parameters on CIFAR-10)."""
-    return wide_resnet(40, 4, dropout, num_classes, in_channels)
+#: Zagoruyko & Komodakis 2016, Table 5: (depth, widen factor), parameters on CIFAR-10.
+WIDE = {(16, 8): "11.0M", (28, 10): "36.5M", (40, 4): "8.9M"}
+for (depth, widen_factor), count in WIDE.items():
+    name = f"wrn_{depth}_{widen_factor}"
+    summary = f"WRN-{depth}-{widen_factor} ({count} parameters on CIFAR-10)."
+    register_model(
+        variant(name, wide_resnet, summary, depth=depth, widen_factor=widen_factor), **_wide
+    )

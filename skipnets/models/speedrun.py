@@ -15,27 +15,28 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from skipnets.errors import ConfigError
-from skipnets.nn import SkipBlock, activation
-from skipnets.registry import ImageInput, Paper, register_model
+from skipnets.nn import SkipBlock, activation_layer
+from skipnets.papers import PAGE_2018
+from skipnets.registry import ImageInput, register_model
 
-PAGE_2018 = Paper("How to train your ResNet", "Page", 2018)
 
-
-def conv_bn(in_channels: int, out_channels: int, act: str, pool: bool = False) -> nn.Sequential:
+def conv_bn(
+    in_channels: int, out_channels: int, activation: str, pool: bool = False
+) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)]
     if pool:
         layers.append(nn.MaxPool2d(2))
-    layers += [nn.BatchNorm2d(out_channels), activation(act)]
+    layers += [nn.BatchNorm2d(out_channels), activation_layer(activation)]
     return nn.Sequential(*layers)
 
 
 class Residual(SkipBlock):
     """``x + act(bn(conv(act(bn(conv(x))))))``: Page's residual block, identity shortcut."""
 
-    def __init__(self, channels: int, act: str) -> None:
+    def __init__(self, channels: int, activation: str) -> None:
         super().__init__()
         self.layers = nn.Sequential(
-            conv_bn(channels, channels, act), conv_bn(channels, channels, act)
+            conv_bn(channels, channels, activation), conv_bn(channels, channels, activation)
         )
 
     def branch(self, x: Tensor) -> Tensor:
@@ -50,7 +51,7 @@ class SpeedrunResNet(nn.Module):
         widths: Sequence[int] = (64, 128, 256, 512),
         num_classes: int = 10,
         in_channels: int = 3,
-        act: str = "relu",
+        activation: str = "relu",
         logit_scale: float = 0.125,
     ) -> None:
         super().__init__()
@@ -59,10 +60,14 @@ class SpeedrunResNet(nn.Module):
         if num_classes < 1 or in_channels < 1:
             raise ConfigError("num_classes and in_channels must be positive")
         prep, w1, w2, w3 = widths
-        self.prep = conv_bn(in_channels, prep, act)
-        self.layer1 = nn.Sequential(conv_bn(prep, w1, act, pool=True), Residual(w1, act))
-        self.layer2 = conv_bn(w1, w2, act, pool=True)
-        self.layer3 = nn.Sequential(conv_bn(w2, w3, act, pool=True), Residual(w3, act))
+        self.prep = conv_bn(in_channels, prep, activation)
+        self.layer1 = nn.Sequential(
+            conv_bn(prep, w1, activation, pool=True), Residual(w1, activation)
+        )
+        self.layer2 = conv_bn(w1, w2, activation, pool=True)
+        self.layer3 = nn.Sequential(
+            conv_bn(w2, w3, activation, pool=True), Residual(w3, activation)
+        )
         self.layer1[1].stage, self.layer3[1].stage = 0, 2
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.fc = nn.Linear(w3, num_classes, bias=False)

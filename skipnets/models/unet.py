@@ -25,14 +25,8 @@ from torch import Tensor, nn
 
 from skipnets.errors import ConfigError
 from skipnets.nn import SkipBlock
-from skipnets.registry import ImageInput, Paper, register_model
-
-RONNEBERGER_2015 = Paper(
-    "U-Net: Convolutional Networks for Biomedical Image Segmentation",
-    "Ronneberger, Fischer, Brox",
-    2015,
-    "1505.04597",
-)
+from skipnets.papers import RONNEBERGER_2015
+from skipnets.registry import ImageInput, register_model
 
 Padding = Literal["valid", "same"]
 
@@ -106,7 +100,17 @@ class UNetLevel(SkipBlock):
         return 2 * size
 
 
+@register_model(
+    name="unet",
+    family="unet",
+    paper=RONNEBERGER_2015,
+    input=ImageInput(1, 572),
+    has_skip=True,
+    task="segmentation",
+)
 class UNet(nn.Module):
+    """U-Net: contracting and expanding paths joined by cropped, concatenated skip connections."""
+
     def __init__(
         self,
         num_classes: int = 2,
@@ -161,23 +165,3 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
-
-
-@register_model(
-    family="unet",
-    paper=RONNEBERGER_2015,
-    input=ImageInput(1, 572),
-    has_skip=True,
-    task="segmentation",
-)
-def unet(
-    num_classes: int = 2,
-    in_channels: int = 1,
-    depth: int = 5,
-    base_width: int = 64,
-    padding: Padding = "valid",
-    batch_norm: bool = False,
-    dropout: float = 0.5,
-) -> UNet:
-    """U-Net: contracting and expanding paths joined by cropped, concatenated skip connections."""
-    return UNet(num_classes, in_channels, depth, base_width, padding, batch_norm, dropout)

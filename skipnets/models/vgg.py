@@ -20,14 +20,8 @@ from torch import Tensor, nn
 
 from skipnets.errors import ConfigError
 from skipnets.models.alexnet import local_response_norm
-from skipnets.registry import ImageInput, Paper, register_model
-
-SIMONYAN_2015 = Paper(
-    "Very Deep Convolutional Networks for Large-Scale Image Recognition",
-    "Simonyan, Zisserman",
-    2015,
-    "1409.1556",
-)
+from skipnets.papers import SIMONYAN_2015
+from skipnets.registry import ImageInput, register_model, variant
 
 Layer = int | str | tuple[str, int]
 
@@ -119,68 +113,32 @@ class VGG(nn.Module):
 
 _vgg = dict(family="vgg", paper=SIMONYAN_2015, input=ImageInput(3, 224), has_skip=False)
 
-
-@register_model(**_vgg, aliases=("vgg11",))
-def vgg_a(num_classes: int = 1000, in_channels: int = 3, dropout: float = 0.5) -> VGG:
-    """VGG configuration A (VGG-11): 8 convolutions, 133M parameters."""
-    return VGG(CONFIGS["A"], num_classes, in_channels, dropout=dropout)
-
-
-@register_model(**_vgg)
-def vgg_a_lrn(num_classes: int = 1000, in_channels: int = 3, dropout: float = 0.5) -> VGG:
-    """VGG configuration A-LRN: A with local response normalisation after the first layer."""
-    return VGG(CONFIGS["A-LRN"], num_classes, in_channels, dropout=dropout)
-
-
-@register_model(**_vgg, aliases=("vgg13",))
-def vgg_b(num_classes: int = 1000, in_channels: int = 3, dropout: float = 0.5) -> VGG:
-    """VGG configuration B (VGG-13): 10 convolutions, 133M parameters."""
-    return VGG(CONFIGS["B"], num_classes, in_channels, dropout=dropout)
-
-
-@register_model(**_vgg)
-def vgg_c(num_classes: int = 1000, in_channels: int = 3, dropout: float = 0.5) -> VGG:
-    """VGG configuration C: B plus a 1x1 convolution at the end of stages 3-5 (134M)."""
-    return VGG(CONFIGS["C"], num_classes, in_channels, dropout=dropout)
-
-
-@register_model(**_vgg, aliases=("vgg16",))
-def vgg_d(num_classes: int = 1000, in_channels: int = 3, dropout: float = 0.5) -> VGG:
-    """VGG configuration D (VGG-16): 13 convolutions, 138M parameters."""
-    return VGG(CONFIGS["D"], num_classes, in_channels, dropout=dropout)
-
-
-@register_model(**_vgg, aliases=("vgg19",))
-def vgg_e(num_classes: int = 1000, in_channels: int = 3, dropout: float = 0.5) -> VGG:
-    """VGG configuration E (VGG-19): 16 convolutions, 144M parameters."""
-    return VGG(CONFIGS["E"], num_classes, in_channels, dropout=dropout)
-
-
-@register_model(**_vgg, aliases=("vgg11_bn",))
-def vgg_a_bn(num_classes: int = 1000, in_channels: int = 3, dropout: float = 0.5) -> VGG:
-    """VGG configuration A with batch norm after every convolution (torchvision's vgg11_bn)."""
-    return VGG(CONFIGS["A"], num_classes, in_channels, batch_norm=True, dropout=dropout)
-
-
-@register_model(**_vgg, aliases=("vgg13_bn",))
-def vgg_b_bn(num_classes: int = 1000, in_channels: int = 3, dropout: float = 0.5) -> VGG:
-    """VGG configuration B with batch norm after every convolution (torchvision's vgg13_bn)."""
-    return VGG(CONFIGS["B"], num_classes, in_channels, batch_norm=True, dropout=dropout)
-
-
-@register_model(**_vgg)
-def vgg_c_bn(num_classes: int = 1000, in_channels: int = 3, dropout: float = 0.5) -> VGG:
-    """VGG configuration C with batch norm after every convolution."""
-    return VGG(CONFIGS["C"], num_classes, in_channels, batch_norm=True, dropout=dropout)
-
-
-@register_model(**_vgg, aliases=("vgg16_bn",))
-def vgg_d_bn(num_classes: int = 1000, in_channels: int = 3, dropout: float = 0.5) -> VGG:
-    """VGG configuration D with batch norm after every convolution (torchvision's vgg16_bn)."""
-    return VGG(CONFIGS["D"], num_classes, in_channels, batch_norm=True, dropout=dropout)
-
-
-@register_model(**_vgg, aliases=("vgg19_bn",))
-def vgg_e_bn(num_classes: int = 1000, in_channels: int = 3, dropout: float = 0.5) -> VGG:
-    """VGG configuration E with batch norm after every convolution (torchvision's vgg19_bn)."""
-    return VGG(CONFIGS["E"], num_classes, in_channels, batch_norm=True, dropout=dropout)
+#: name: (configuration, torchvision's name for it, summary).
+VARIANTS: dict[str, tuple[str, str | None, str]] = {
+    "vgg_a": ("A", "vgg11", "VGG configuration A (VGG-11): 8 convolutions, 133M parameters."),
+    "vgg_a_lrn": (
+        "A-LRN",
+        None,
+        "VGG configuration A-LRN: A with local response normalisation after the first layer.",
+    ),
+    "vgg_b": ("B", "vgg13", "VGG configuration B (VGG-13): 10 convolutions, 133M parameters."),
+    "vgg_c": (
+        "C",
+        None,
+        "VGG configuration C: B plus a 1x1 convolution at the end of stages 3-5 (134M).",
+    ),
+    "vgg_d": ("D", "vgg16", "VGG configuration D (VGG-16): 13 convolutions, 138M parameters."),
+    "vgg_e": ("E", "vgg19", "VGG configuration E (VGG-19): 16 convolutions, 144M parameters."),
+}
+for name, (config, torchvision_name, summary) in VARIANTS.items():
+    aliases = (torchvision_name,) if torchvision_name else ()
+    plain = variant(name, VGG, summary, config=CONFIGS[config], batch_norm=False)
+    register_model(plain, aliases=aliases, **_vgg)
+    if config == "A-LRN":  # batch norm replaced LRN: no such variant
+        continue
+    summary = f"VGG configuration {config} with batch norm after every convolution" + (
+        f" (torchvision's {torchvision_name}_bn)." if torchvision_name else "."
+    )
+    aliases = (f"{torchvision_name}_bn",) if torchvision_name else ()
+    with_bn = variant(f"{name}_bn", VGG, summary, config=CONFIGS[config], batch_norm=True)
+    register_model(with_bn, aliases=aliases, **_vgg)

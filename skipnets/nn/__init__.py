@@ -7,11 +7,19 @@ from skipnets.nn.blocks import (
     PadShortcut,
     PlainLinear,
     ResidualLinear,
-    activation,
+    activation_layer,
     conv3x3,
     projection,
 )
-from skipnets.nn.skip import Observer, SkipBlock, skip_blocks
+from skipnets.nn.skip import (
+    Observer,
+    SkipBlock,
+    check_drop_mode,
+    check_survival_prob,
+    linear_decay,
+    network_name,
+    skip_blocks,
+)
 
 __all__ = [
     "BasicBlock",
@@ -22,8 +30,12 @@ __all__ = [
     "PlainLinear",
     "ResidualLinear",
     "SkipBlock",
-    "activation",
+    "activation_layer",
+    "check_drop_mode",
+    "check_survival_prob",
     "conv3x3",
+    "linear_decay",
+    "network_name",
     "projection",
     "skip_blocks",
 ]

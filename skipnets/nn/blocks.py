@@ -23,7 +23,8 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def activation(name: str) -> nn.Module:
+def activation_layer(name: str) -> nn.Module:
+    """A new activation module by name (``relu``, ``tanh``, ...), for builders' ``activation``."""
     try:
         return ACTIVATIONS[name]()
     except KeyError:
@@ -41,12 +42,12 @@ class PlainLinear(SkipBlock):
 
     kind = "plain"
 
-    def __init__(self, width: int, act: str = "relu", norm: bool = False) -> None:
+    def __init__(self, width: int, activation: str = "relu", norm: bool = False) -> None:
         super().__init__()
         self.linear = nn.Linear(width, width, bias=not norm)
         # None rather than nn.Identity: a module call per layer is a visible cost in deep MLPs.
         self.norm = nn.BatchNorm1d(width) if norm else None
-        self.act = activation(act)
+        self.act = activation_layer(activation)
 
     def branch(self, x: Tensor) -> Tensor:
         h = self.linear(x)
@@ -88,13 +89,19 @@ class Highway(SkipBlock):
     kind = "highway"
 
     def __init__(
-        self, transform: nn.Module, gate: nn.Module, act: str = "relu", gate_bias: float = -2.0
+        self,
+        transform: nn.Module,
+        gate: nn.Module,
+        activation: str = "relu",
+        gate_bias: float = -2.0,
     ) -> None:
         super().__init__()
         self.transform = transform
         self.gate = gate
-        self.act = activation(act)
+        self.act = activation_layer(activation)
         nn.init.constant_(self.gate.bias, gate_bias)
+        #: The transform gate's starting bias, which decides how closed the gate starts.
+        self.gate_bias = float(gate_bias)
         self.last_gate: Tensor | None = None
 
     def branch(self, x: Tensor) -> Tensor:
@@ -108,8 +115,8 @@ class Highway(SkipBlock):
 class HighwayLinear(Highway):
     """A fully connected highway layer of ``width`` units."""
 
-    def __init__(self, width: int, act: str = "relu", gate_bias: float = -2.0) -> None:
-        super().__init__(nn.Linear(width, width), nn.Linear(width, width), act, gate_bias)
+    def __init__(self, width: int, activation: str = "relu", gate_bias: float = -2.0) -> None:
+        super().__init__(nn.Linear(width, width), nn.Linear(width, width), activation, gate_bias)
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:

@@ -6,10 +6,15 @@ A skip block computes ``out = combine(shortcut(x), branch(x))``:
 kind           combine                     bypass (lesioned / dropped)
 =============  ==========================  ==========================================
 ``residual``   ``shortcut + branch``       ``shortcut(x)``
-``highway``    ``x + t * (h - x)``         ``x`` (transform gate closed, T = 0)
+``highway``    ``shortcut + branch``,      ``x`` (transform gate closed, T = 0)
+               branch ``t * (h - x)``
 ``dense``      ``cat([x, branch], dim=1)`` ``cat([x, zeros])`` (no new features)
 ``plain``      ``branch``                  ``x`` (only for same-shape layers)
 =============  ==========================  ==========================================
+
+A highway layer's ``t * h + (1 - t) * x`` is ``x + t * (h - x)``: its branch computes the gated
+difference ``t * (h - x)`` and the residual ``combine`` adds it, so dropping or observing the
+branch means the same thing for every kind.
 
 Plugins never look at a family; they set ``survival_prob``/``drop_mode``/``scaling``,
 ``lesioned``, or attach an observer that sees ``x`` and ``branch(x)`` of each forward. With none
@@ -28,19 +33,33 @@ from torch.utils.hooks import RemovableHandle
 
 from skipnets.errors import ConfigError
 
-__all__ = ["Observer", "SkipBlock", "skip_blocks"]
+__all__ = [
+    "Observer",
+    "SkipBlock",
+    "check_drop_mode",
+    "check_survival_prob",
+    "linear_decay",
+    "skip_blocks",
+]
 
 #: ``observer(block, x, branch_out)``, called after the branch ran, before ``combine``.
 Observer = Callable[["SkipBlock", Tensor, Tensor], None]
 
 Kind = Literal["residual", "highway", "dense", "plain"]
+DropMode = Literal["batch", "sample"]
+Scaling = Literal["test", "inverted"]
+
+#: The parts of a block that are methods: assigning a module to one of these names is a mistake.
+_METHODS = frozenset({"branch", "shortcut", "combine", "bypass"})
 
 
 class SkipBlock(nn.Module):
     """Base class for every block that has, or could have, a skip path.
 
-    Subclasses implement ``branch`` and, where they differ from a residual block, ``shortcut``,
-    ``combine`` and ``bypass``. Builders set ``stage`` (the resolution stage the block belongs to).
+    Subclasses call ``super().__init__()`` first and implement the method ``branch`` and, where
+    they differ from a residual block, ``shortcut``, ``combine`` and ``bypass`` (methods too:
+    assigning a module to one of these names is an error). ``kind`` is a class attribute;
+    builders set ``stage`` (the resolution stage the block belongs to) after construction.
 
     Stochastic depth (Huang et al. 2016): with ``survival_prob`` p < 1, during training the branch
     is kept with probability p, either once per mini-batch (``drop_mode="batch"``; a dropped
@@ -52,11 +71,17 @@ class SkipBlock(nn.Module):
     kind: Kind = "residual"
 
     def __init__(self) -> None:
+        if type(self).branch is SkipBlock.branch:
+            raise TypeError(
+                f"{type(self).__name__} must define the method `def branch(self, x)`: keep "
+                "the layers under other names and call them there (self.layer = "
+                "nn.Linear(...); def branch(self, x): return self.layer(x))"
+            )
         super().__init__()
         self.stage = 0
         self.survival_prob = 1.0
-        self.drop_mode: Literal["batch", "sample"] = "batch"
-        self.scaling: Literal["test", "inverted"] = "test"
+        self.drop_mode: DropMode = "batch"
+        self.scaling: Scaling = "test"
         #: Generator for the drop decisions (None: torch's default). Ranks that must agree on
         #: which blocks run (batch mode under DDP) share a seeded one.
         self.drop_generator: torch.Generator | None = None
@@ -70,7 +95,7 @@ class SkipBlock(nn.Module):
 
     # -- what subclasses define -------------------------------------------------------------
     def branch(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define branch(self, x)")
 
     def shortcut(self, x: Tensor) -> Tensor:
         return x
@@ -81,6 +106,16 @@ class SkipBlock(nn.Module):
     def bypass(self, x: Tensor, shortcut: Tensor) -> Tensor:
         """The block's output with its branch removed."""
         return shortcut
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _METHODS and isinstance(value, nn.Module):
+            raise TypeError(
+                f"{type(self).__name__}.{name} is a method of SkipBlock, not a module attribute: "
+                f"keep the {type(value).__name__} under another name (self.layer = ...) and "
+                f"call it from `def {name}(self, ...)`, e.g. def branch(self, x): "
+                "return self.layer(x)"
+            )
+        super().__setattr__(name, value)
 
     # -- the contract -----------------------------------------------------------------------
     @property
@@ -105,8 +140,12 @@ class SkipBlock(nn.Module):
     def observe(self, observer: Observer) -> RemovableHandle:
         """Call ``observer(block, x, branch_out)`` on every forward that runs the branch.
 
-        The observer sees the tensors of this forward only; whatever it keeps alive is its own
-        responsibility. Returns a handle whose ``remove()`` detaches it.
+        It is called after the branch and before ``combine``, in training and evaluation, with
+        ``branch_out`` as stochastic depth leaves it (the ``sample`` mask and the scaling by
+        ``survival_prob`` applied); not when the block is lesioned, nor when a ``batch``-mode
+        drop skips the branch. The observer sees the tensors of this forward only, still in the
+        autograd graph; whatever it keeps alive is its own responsibility. Returns a handle
+        whose ``remove()`` detaches it.
         """
         handle = RemovableHandle(self._observers)
         self._observers[handle.id] = observer
@@ -163,3 +202,34 @@ def skip_blocks(model: nn.Module) -> Iterator[tuple[str, SkipBlock]]:
     for name, module in model.named_modules():
         if isinstance(module, SkipBlock):
             yield name, module
+
+
+def network_name(name: str) -> str:
+    """A module's name inside the network: ``blocks.0`` for the ``model.blocks.0`` that
+    ``skip_blocks`` finds in a skipnets ``Classifier`` (whose network is its ``model``). Every
+    plugin names blocks and layers this way in its files, figures and messages."""
+    return name.removeprefix("model.")
+
+
+# -- stochastic depth: the rule and the checks that the builders and the plugin share -------
+def linear_decay(num_blocks: int, survival_prob_last: float = 0.5) -> list[float]:
+    """Huang et al.'s linear decay rule: block ``l`` of ``L`` survives with probability
+    ``p_l = 1 - (l / L) (1 - p_L)``, ``p_L`` being ``survival_prob_last``."""
+    check_survival_prob(survival_prob_last, "survival_prob_last")
+    drop = 1.0 - survival_prob_last
+    return [1.0 - (depth / num_blocks) * drop for depth in range(1, num_blocks + 1)]
+
+
+def check_survival_prob(value: float, name: str = "survival_prob") -> float:
+    """``value`` as a float, or a ``ConfigError`` naming ``name`` unless it is in (0, 1]."""
+    if not 0.0 < value <= 1.0:
+        raise ConfigError(f"{name} must be in (0, 1], got {value}")
+    return float(value)
+
+
+def check_drop_mode(drop_mode: str, scaling: str) -> None:
+    """A ``ConfigError`` unless ``drop_mode`` and ``scaling`` are values ``SkipBlock`` knows."""
+    if drop_mode not in ("batch", "sample"):
+        raise ConfigError(f"drop_mode must be 'batch' or 'sample', not {drop_mode!r}")
+    if scaling not in ("test", "inverted"):
+        raise ConfigError(f"scaling must be 'test' or 'inverted', not {scaling!r}")
