@@ -28,7 +28,7 @@ from skipnets.errors import ConfigError
 from skipnets.nn import skip_blocks
 from skipnets.registry import ImageInput, Paper, VectorInput, create_model, model_info
 
-__all__ = ["ModelFacts", "describe", "receptive_field"]
+__all__ = ["ModelFacts", "call_argument", "describe", "receptive_field"]
 
 
 @dataclass(frozen=True)
@@ -282,22 +282,22 @@ class _ReceptiveFieldTracer(TorchFunctionMode):
             if func in _CONV:
                 weight = args[1] if len(args) > 1 else kwargs["weight"]
                 dims = _CONV[func]
-                stride = _arg(args, kwargs, 3, "stride", 1)
-                dilation = _arg(args, kwargs, 5, "dilation", 1)
+                stride = call_argument(args, kwargs, 3, "stride", 1)
+                dilation = call_argument(args, kwargs, 5, "dilation", 1)
                 return own.window(weight.shape[2:], _tuple(stride, dims), _tuple(dilation, dims))
             if func in _CONV_T:
                 weight = args[1] if len(args) > 1 else kwargs["weight"]
                 dims = _CONV_T[func]
-                stride = _tuple(_arg(args, kwargs, 3, "stride", 1), dims)
-                dilation = _tuple(_arg(args, kwargs, 7, "dilation", 1), dims)
+                stride = _tuple(call_argument(args, kwargs, 3, "stride", 1), dims)
+                dilation = _tuple(call_argument(args, kwargs, 7, "dilation", 1), dims)
                 finer = own.rescale([1 / s for s in stride])
                 return finer.window(weight.shape[2:], (1,) * dims, dilation)
             if func in _MAX_POOL or func in _AVG_POOL:
                 dims = _MAX_POOL.get(func) or _AVG_POOL[func]
-                kernel = _tuple(_arg(args, kwargs, 1, "kernel_size", 1), dims)
-                stride = _arg(args, kwargs, 2, "stride", None)
+                kernel = _tuple(call_argument(args, kwargs, 1, "kernel_size", 1), dims)
+                stride = call_argument(args, kwargs, 2, "stride", None)
                 stride = kernel if stride is None or stride == [] else _tuple(stride, dims)
-                dilation = _arg(args, kwargs, 4, "dilation", 1) if func in _MAX_POOL else 1
+                dilation = call_argument(args, kwargs, 4, "dilation", 1) if func in _MAX_POOL else 1
                 return own.window(kernel, stride, _tuple(dilation, dims))
             if func in _ADAPTIVE and isinstance(out, (Tensor, tuple)):
                 result = out[0] if isinstance(out, tuple) else out
@@ -320,7 +320,11 @@ class _ReceptiveFieldTracer(TorchFunctionMode):
         )
 
 
-def _arg(args: Sequence[Any], kwargs: dict[str, Any], position: int, name: str, default: Any):
+def call_argument(
+    args: Sequence[Any], kwargs: dict[str, Any], position: int, name: str, default: Any = None
+) -> Any:
+    """The argument ``name`` of a call seen as ``(args, kwargs)`` (a ``__torch_function__``
+    override sees calls so), passed by position ``position`` or by keyword; else ``default``."""
     if len(args) > position:
         return args[position]
     return kwargs.get(name, default)

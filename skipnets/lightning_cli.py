@@ -15,22 +15,23 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.utilities import rank_zero_only
 
 from skipnets.allocator import keep_freed_memory
-from skipnets.data import DataModule
-from skipnets.errors import ConfigError
-from skipnets.module import Classifier
-from skipnets.plugins import check_config_names, discover_plugins
-from skipnets.progress import TimedProgressBar
-from skipnets.runs import run_dir, wandb_has_credentials, wandb_run_info, write_run_record
-from skipnets.safety import (
+from skipnets.checkpoints import (
     DEFAULT_LAST_EVERY_N_STEPS,
     LastCheckpoint,
-    NonFiniteLossStop,
-    RunState,
     check_checkpoint,
     find_last_checkpoint,
     install_atomic_checkpoints,
     read_checkpoint,
 )
+from skipnets.data import DataModule
+from skipnets.divergence import NonFiniteLossStop
+from skipnets.ema import EMA  # noqa: F401 - so `class_path: EMA` resolves
+from skipnets.errors import ConfigError
+from skipnets.module import Classifier
+from skipnets.plugins import check_config_names, discover_plugins
+from skipnets.progress import TimedProgressBar
+from skipnets.resume import RunState
+from skipnets.runs import run_dir, wandb_has_credentials, wandb_run_info, write_run_record
 from skipnets.segmentation import Segmenter  # noqa: F401 - so `class_path: Segmenter` resolves
 
 WANDB_LOGGER = "lightning.pytorch.loggers.WandbLogger"
@@ -133,7 +134,7 @@ class SkipnetsCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         install_atomic_checkpoints(trainer)
-        _check_sync_batchnorm(trainer)
+        _check_sync_batchnorm(trainer, self.config.get(str(self.subcommand), self.config))
         return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -179,6 +180,12 @@ def _add_safety_arguments(parser: LightningArgumentParser) -> None:
         "only); a killed run loses at most N steps",
     )
     parser.add_argument(
+        "--last_checkpoint_every_n_epochs",
+        type=int,
+        default=1,
+        help="write last.ckpt at the end of every N-th epoch (0: only when training ends)",
+    )
+    parser.add_argument(
         "--stop_on_nonfinite_loss",
         type=bool,
         default=True,
@@ -193,7 +200,9 @@ def _core_callbacks(config: Any) -> list[Any]:
     callbacks: list[Any] = [RunState()]
     if config.trainer.get("enable_checkpointing") is not False:
         every = config.get("last_checkpoint_every_n_steps", DEFAULT_LAST_EVERY_N_STEPS)
-        callbacks[:0] = [ModelCheckpoint(monitor="val/acc", mode="max"), LastCheckpoint(every)]
+        epochs = config.get("last_checkpoint_every_n_epochs", 1)
+        last = LastCheckpoint(every, every_n_epochs=epochs)
+        callbacks[:0] = [ModelCheckpoint(monitor="val/acc", mode="max"), last]
     if config.get("stop_on_nonfinite_loss", True):
         callbacks.append(NonFiniteLossStop())
     if config.trainer.get("enable_progress_bar") is not False and not _names_progress_bar(config):
@@ -275,12 +284,12 @@ def _fill_cluster_devices(trainer: Any) -> None:
         trainer.num_nodes = nodes
 
 
-def _check_sync_batchnorm(trainer: Trainer) -> None:
+def _check_sync_batchnorm(trainer: Trainer, config: Any) -> None:
     from lightning.pytorch.accelerators import CPUAccelerator
     from lightning.pytorch.strategies import ParallelStrategy
 
     if (
-        getattr(trainer._accelerator_connector, "_layer_sync", None) is not None
+        config.trainer.get("sync_batchnorm")
         and isinstance(trainer.accelerator, CPUAccelerator)
         and isinstance(trainer.strategy, ParallelStrategy)
     ):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 
 
 def run_dir(trainer: L.Trainer) -> Path:
@@ -32,6 +33,21 @@ def run_dir(trainer: L.Trainer) -> Path:
     version = logger.version
     version = version if isinstance(version, str) else f"version_{version}"
     return Path(save_dir) / str(logger.name) / version
+
+
+def plugin_dir(trainer: L.Trainer, plugin: str) -> Path:
+    """Where a plugin writes its files: ``run_dir(trainer) / plugin``, created. Call it on rank
+    zero only.
+
+    A standalone evaluation of a checkpoint (``skipnets analyse``, ``trainer.validate(...,
+    ckpt_path=...)``) writes into ``<plugin>/<checkpoint name>/`` instead, beside what the
+    training run recorded there, never over it.
+    """
+    path = run_dir(trainer) / plugin
+    if trainer.state.fn != TrainerFn.FITTING and trainer.ckpt_path:
+        path = path / Path(trainer.ckpt_path).stem
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def wandb_has_credentials() -> bool:
@@ -162,10 +178,12 @@ def wandb_run_info(trainer: L.Trainer) -> dict[str, Any] | None:
     that uploads them (every folder of a resumed offline run, oldest first). Rank zero only."""
     for logger in _wandb_loggers(trainer):
         experiment = logger.experiment
-        settings = experiment.settings
-        mode = getattr(settings, "mode", None) or (
-            "offline" if getattr(settings, "_offline", False) else "online"
-        )
+        # W&B calls a run without credentials "dryrun" and one set offline "offline": both
+        # are offline runs, which its public ``offline`` property says.
+        if getattr(experiment.settings, "mode", None) == "disabled":
+            mode = "disabled"
+        else:
+            mode = "offline" if experiment.offline else "online"
         info: dict[str, Any] = {"id": experiment.id, "project": experiment.project, "mode": mode}
         if mode == "disabled":
             return info

@@ -1,5 +1,8 @@
 """A second device on a machine with only a CPU, for tests that must catch device mistakes.
 
+For skipnets' own tests and for plugin authors: a plugin that passes its tests under
+``ShadowDevice`` (and ``ShadowDDP``) does its work where the model is, as it must on a GPU.
+
 On a GPU, a tensor on the wrong device fails loudly: ``Input type (torch.cuda.FloatTensor) and
 weight type (torch.FloatTensor) should be the same``. On a CPU-only machine every tensor is on
 the one device, so code that runs the model before Lightning has moved it, after Lightning has
@@ -13,8 +16,8 @@ and after a GPU run. Mixing the two fails the way a device mix-up fails on a GPU
 of a float32 batch through the float64 model, or of a moved batch through the model outside its
 time on the device, raises ``RuntimeError`` (``expected ... Double ... Float``).
 
-Use it as ``Trainer(strategy=ShadowDevice(), ...)`` or, on the command line,
-``strategy: {class_path: tests.shadow_device.ShadowDevice}`` in a config.
+Use it as ``Trainer(strategy=ShadowDevice(), ...)``, or in a config as
+``trainer.strategy: {class_path: skipnets.testing.ShadowDevice}``.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning.pytorch  # noqa: F401 - its log handler must bind to the session's stderr, not a test's
+import lightning as L
+import lightning.pytorch
 import pytest
 import torch
 
@@ -37,6 +38,19 @@ def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is None:
         wandb.teardown()
+
+
+def quiet_trainer(**kwargs) -> L.Trainer:
+    """The tests' Trainer: CPU, no logger, no checkpoints, no progress bar, no model summary.
+    Any keyword overrides these or adds to them (``logger=...``, ``max_epochs=...``)."""
+    options = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return L.Trainer(**{**options, **kwargs})
 
 
 def run_skipnets(

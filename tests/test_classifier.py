@@ -1,6 +1,7 @@
 import lightning as L
 import pytest
 import torch
+from conftest import quiet_trainer
 from torch import nn
 
 from skipnets import Classifier
@@ -10,14 +11,7 @@ from skipnets.module import param_groups
 
 
 def _trainer(**kwargs):
-    return L.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+    return quiet_trainer(**kwargs)
 
 
 def test_mlp_learns_digits_and_reports_metrics():

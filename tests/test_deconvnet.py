@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from captum.attr import NeuronDeconvolution, NeuronGuidedBackprop
-from skipnets_plugins.deconvnet import DeconvNet, project, receptive_field
+from conftest import quiet_trainer
+from skipnets_plugins.deconvnet import DeconvNet, project, unit_regions
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -90,13 +91,13 @@ def test_functional_relus_are_rectified_too():
     assert not torch.allclose(guided, plain)
 
 
-def test_receptive_field_follows_the_layer_arithmetic():
+def test_unit_regions_follows_the_layer_arithmetic():
     # conv 3x3 -> max pool 2 -> conv 3x3: 8 input pixels per unit, stride 2, clipped at borders.
     net = small_net()
     x = torch.randn(2, 1, 8, 8)
-    boxes = receptive_field(net, net[4], x, torch.tensor([2 * 4 + 1, 0]))
+    boxes = unit_regions(net, net[4], x, torch.tensor([2 * 4 + 1, 0]))
     assert boxes == [(1, 0, 8, 7), (0, 0, 5, 5)]
-    assert receptive_field(net, net[0], x, torch.tensor([3 * 8 + 4, 0])) == [
+    assert unit_regions(net, net[0], x, torch.tensor([3 * 8 + 4, 0])) == [
         (2, 3, 5, 6),
         (0, 0, 2, 2),
     ]
@@ -137,16 +138,8 @@ class Data(L.LightningDataModule):
 def run(tmp_path: Path, callback: DeconvNet, model: nn.Module | None = None, shape=(1, 8, 8)):
     torch.manual_seed(0)
     module = Net(model or CifarResNet([1, 2, 1], num_classes=4, in_channels=1, widths=(4, 6, 8)))
-    L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-        callbacks=[callback],
+    quiet_trainer(
+        max_epochs=1, num_sanity_val_steps=0, default_root_dir=tmp_path, callbacks=[callback]
     ).fit(module, datamodule=Data(shape))
     return module
 

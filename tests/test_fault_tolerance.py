@@ -255,3 +255,30 @@ def test_loader_resumes_mid_epoch_without_loading_skipped_batches(workers: int) 
     assert not torch.equal(torch.cat(next_epoch), torch.cat(full))
     resumed.sampler.set_epoch(3)  # (persistent workers reuse their index stream)
     assert torch.equal(torch.cat([x for x, _ in resumed]), torch.cat(full))
+
+
+@pytest.mark.parametrize(("every_n_epochs", "saves"), [(1, 3), (2, 2), (0, 1)])
+def test_last_checkpoint_every_n_epochs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, every_n_epochs: int, saves: int
+) -> None:
+    """Epoch-end saves of last.ckpt every N epochs; the last epoch's state is always saved."""
+    from skipnets.checkpoints import LastCheckpoint
+
+    steps: list[int] = []
+    original = LastCheckpoint._save_last_checkpoint
+
+    def counted(self, trainer, candidates):
+        steps.append(trainer.global_step)
+        return original(self, trainer, candidates)
+
+    monkeypatch.setattr(LastCheckpoint, "_save_last_checkpoint", counted)
+    args = [
+        *RUN,
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.max_epochs=3",
+        "--last_checkpoint_every_n_steps=0",
+        f"--last_checkpoint_every_n_epochs={every_n_epochs}",
+    ]
+    assert main(args) == 0
+    assert len(steps) == saves
+    assert _step(tmp_path / "checkpoints" / "last.ckpt") == steps[-1]

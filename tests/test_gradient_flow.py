@@ -7,10 +7,10 @@ import csv
 import math
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import quiet_trainer
 from lightning.pytorch.loggers import CSVLogger
 from skipnets_plugins.gradient_flow import GradientFlow
 from torch.utils.data import DataLoader, TensorDataset
@@ -38,16 +38,9 @@ def fit(tmp_path: Path, callback: GradientFlow, logger=False) -> Classifier:
         optimizer=FROZEN,
     )
     train, _ = loaders()
-    L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=logger,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[callback],
-    ).fit(module, train_dataloaders=train)
+    quiet_trainer(max_epochs=1, logger=logger, default_root_dir=tmp_path, callbacks=[callback]).fit(
+        module, train_dataloaders=train
+    )
     return module
 
 

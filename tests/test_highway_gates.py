@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import quiet_trainer
 from skipnets_plugins.highway_gates import HighwayGates
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -32,16 +33,8 @@ class Data(L.LightningDataModule):
 
 
 def trainer(tmp_path: Path, callback: HighwayGates) -> L.Trainer:
-    return L.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-        callbacks=[callback],
+    return quiet_trainer(
+        max_epochs=2, num_sanity_val_steps=0, default_root_dir=tmp_path, callbacks=[callback]
     )
 
 

@@ -12,6 +12,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import quiet_trainer
 from lightning.pytorch.callbacks import Callback
 from skipnets_plugins.norm_ratio import NormRatio
 from torch.utils.data import DataLoader, TensorDataset
@@ -61,13 +62,8 @@ def tiny_resnet() -> torch.nn.Module:
 
 
 def trainer(tmp_path: Path, callbacks, epochs: int = 1, **kwargs) -> L.Trainer:
-    return L.Trainer(
+    return quiet_trainer(
         max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         num_sanity_val_steps=0,
         default_root_dir=tmp_path,
         callbacks=callbacks,

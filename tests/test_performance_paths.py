@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import quiet_trainer
 from lightning.pytorch.utilities.data import _update_dataloader
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
@@ -99,16 +100,8 @@ def _fit(
     model: Classifier, data: Digits, steps: int, *callbacks: L.Callback, precision: str = "32"
 ) -> list[float]:
     losses = _Losses()
-    trainer = L.Trainer(
-        max_steps=steps,
-        precision=precision,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[losses, *callbacks],
+    trainer = quiet_trainer(
+        max_steps=steps, precision=precision, limit_val_batches=0, callbacks=[losses, *callbacks]
     )
     trainer.fit(model, datamodule=data)
     return losses.losses

@@ -2,7 +2,7 @@
 bf16-mixed, on both data paths (a ``DataLoader`` over files and the device-resident
 ``DeviceLoader``), in one process and under two-process DDP.
 
-The device is ``tests.shadow_device``'s: the model is float64 while Lightning holds it on the
+The device is ``skipnets.testing``'s: the model is float64 while Lightning holds it on the
 device, so a forward pass at the wrong time (``setup``, ``on_fit_end``) or on a batch that never
 went to the device fails here as it fails on a GPU.
 """
@@ -10,16 +10,14 @@ went to the device fails here as it fails on a GPU.
 from __future__ import annotations
 
 import csv
-import sys
 import textwrap
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from conftest import ROOT, run_skipnets
+from conftest import quiet_trainer, run_skipnets
 from datagen import write_cifar10
-from shadow_device import ShadowDevice
 from skipnets_plugins.deconvnet import DeconvNet
 from skipnets_plugins.gradient_flow import GradientFlow
 from skipnets_plugins.highway_gates import HighwayGates
@@ -31,9 +29,7 @@ from skipnets import Classifier
 from skipnets.cli import main
 from skipnets.data import CIFAR10, GPUCIFAR10, analysis_split
 from skipnets.errors import ConfigError
-
-if str(ROOT) not in sys.path:  # configs name the strategy as tests.shadow_device.*
-    sys.path.insert(0, str(ROOT))
+from skipnets.testing import ShadowDevice
 
 DATA = {"DataLoader": CIFAR10, "DeviceLoader": GPUCIFAR10}
 
@@ -58,16 +54,13 @@ def _classifier(arch: str, data, **arch_kwargs) -> Classifier:
 
 
 def _trainer(root: Path, precision: str, callbacks: list, **kwargs) -> L.Trainer:
-    return L.Trainer(
+    return quiet_trainer(
         strategy=ShadowDevice(),
+        accelerator="auto",
         precision=precision,
         max_epochs=1,
         limit_train_batches=2,
         num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         default_root_dir=root,
         callbacks=callbacks,
         **kwargs,
@@ -191,7 +184,7 @@ def _config(path: Path, root: Path, kind: str, cifar_root: Path, plugin: str, ar
             trainer:
               accelerator: cpu
               precision: bf16-mixed
-              strategy: {{class_path: tests.shadow_device.ShadowDevice}}
+              strategy: {{class_path: skipnets.testing.ShadowDevice}}
               max_epochs: 1
               limit_train_batches: 2
               num_sanity_val_steps: 0
@@ -218,7 +211,7 @@ def test_lesion_and_deconvnet_commands_on_the_device(
     ckpt = next((run / "checkpoints").glob("*.ckpt"))
     common = ["--ckpt_path", str(ckpt), "--trainer.logger=false"]
     assert main(["lesion", "--config", str(lesion), *common]) == 0
-    assert (run / "lesion" / "lesion.csv").is_file()
+    assert (run / "lesion" / ckpt.stem / "lesion.csv").is_file()  # beside the fit's results
 
     deconv = _config(
         tmp_path / "deconv.yaml",
@@ -249,7 +242,7 @@ def test_every_plugin_under_ddp_on_the_device_resident_data(tmp_path: Path, cifa
               accelerator: cpu
               devices: 2
               strategy:
-                class_path: tests.shadow_device.ShadowDDP
+                class_path: skipnets.testing.ShadowDDP
                 init_args: {{find_unused_parameters: true}}  # blocks dropped whole
               max_epochs: 1
               limit_train_batches: 2

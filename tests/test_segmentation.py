@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
+from conftest import quiet_trainer
 from test_zoo_classic import ROOT, fast_dev_run
 
 from skipnets import create_model, model_info
@@ -113,14 +113,7 @@ def test_unet_learns_the_shapes():
         input_shape=data.input_shape,
         optimizer={"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01}},
     )
-    trainer = L.Trainer(
-        max_epochs=5,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_epochs=5)
     trainer.fit(model, data)
     (result,) = trainer.test(model, data, verbose=False)
     # Predicting the background everywhere scores IoU = background share / 4 (about 0.22).

@@ -9,28 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.trainer.states import TrainerFn
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from skipnets.runs import log_figure, log_table, run_dir
+from skipnets.runs import log_figure, log_table
 
-__all__ = ["log_images", "log_rows", "new_figure", "output_dir", "save_figure", "write_csv"]
-
-
-def output_dir(trainer: L.Trainer, plugin: str) -> Path:
-    """``run_dir(trainer) / plugin``, created. Call it on rank zero only.
-
-    A standalone evaluation of a checkpoint (``skipnets analyse``, ``trainer.validate(...,
-    ckpt_path=...)``) writes into ``<plugin>/<checkpoint name>/`` instead, next to what the
-    training run recorded there, never over it.
-    """
-    path = run_dir(trainer) / plugin
-    if trainer.state.fn != TrainerFn.FITTING and trainer.ckpt_path:
-        path = path / Path(trainer.ckpt_path).stem
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+__all__ = ["log_images", "log_rows", "new_figure", "save_figure", "write_csv"]
 
 
 def new_figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.0, 4.0)):

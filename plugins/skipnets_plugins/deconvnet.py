@@ -19,14 +19,16 @@ from torch.overrides import TorchFunctionMode
 
 from skipnets.data.analysis import AnalysisSplit, Split, analysis_split, check_split, inputs_of
 from skipnets.errors import ConfigError
-from skipnets.nn import SkipBlock, skip_blocks
-from skipnets_plugins._plotting import log_images, new_figure, output_dir, write_csv
+from skipnets.info import call_argument
+from skipnets.nn import SkipBlock, network_name, skip_blocks
+from skipnets.runs import plugin_dir
+from skipnets_plugins._plotting import log_images, new_figure, write_csv
 
 Method = Literal["deconvnet", "guided_backprop"]
 METHODS = ("deconvnet", "guided_backprop")
 COLUMNS = ("epoch", "layer", "channel", "rank", "sample", "value", "row", "col", "box")
 
-__all__ = ["DeconvNet", "project", "receptive_field", "top_activations"]
+__all__ = ["DeconvNet", "project", "top_activations", "unit_regions"]
 
 
 # -- the projections --------------------------------------------------------------------------
@@ -60,12 +62,6 @@ class _GuidedReLU(torch.autograd.Function):
 _RELU_NAMES = {"relu", "relu_"}
 
 
-def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
-    if len(args) > index:
-        return args[index]
-    return kwargs.get(name, default)
-
-
 class _ReLURule(TorchFunctionMode):
     """Replaces every ReLU of the forward pass, module or functional, by one with another
     backward rule. (Hooks on ``nn.ReLU`` modules would miss the ``F.relu`` calls inside blocks.)"""
@@ -92,25 +88,25 @@ class _Geometry(TorchFunctionMode):
         if name in _RELU_NAMES or name == "batch_norm":
             return args[0]
         if name == "conv2d":
-            weight = _arg(args, kwargs, 1, "weight")
+            weight = call_argument(args, kwargs, 1, "weight")
             fan_in = weight[0].numel()
             return F.conv2d(
                 args[0],
                 torch.full_like(weight, 1.0 / fan_in),
                 None,
-                _arg(args, kwargs, 3, "stride", 1),
-                _arg(args, kwargs, 4, "padding", 0),
-                _arg(args, kwargs, 5, "dilation", 1),
-                _arg(args, kwargs, 6, "groups", 1),
+                call_argument(args, kwargs, 3, "stride", 1),
+                call_argument(args, kwargs, 4, "padding", 0),
+                call_argument(args, kwargs, 5, "dilation", 1),
+                call_argument(args, kwargs, 6, "groups", 1),
             )
-        if name == "max_pool2d" and not _arg(args, kwargs, 6, "return_indices", False):
-            kernel = _arg(args, kwargs, 1, "kernel_size")
+        if name == "max_pool2d" and not call_argument(args, kwargs, 6, "return_indices", False):
+            kernel = call_argument(args, kwargs, 1, "kernel_size")
             return F.avg_pool2d(
                 args[0],
                 kernel,
-                _arg(args, kwargs, 2, "stride") or kernel,
-                _arg(args, kwargs, 3, "padding", 0),
-                _arg(args, kwargs, 5, "ceil_mode", False),
+                call_argument(args, kwargs, 2, "stride") or kernel,
+                call_argument(args, kwargs, 3, "padding", 0),
+                call_argument(args, kwargs, 5, "ceil_mode", False),
             )
         return func(*args, **kwargs)
 
@@ -179,12 +175,13 @@ def project(
     return grad
 
 
-def receptive_field(
+def unit_regions(
     model: nn.Module, layer: nn.Module, inputs: Tensor, positions: Tensor
 ) -> list[tuple[int, int, int, int]]:
     """``(top, left, bottom, right)`` (bottom/right exclusive) of the input region that can
     affect the unit at each flattened ``positions[n]`` of ``layer``'s output, clipped to the
-    image."""
+    image: where one unit's receptive field lies in one image (for the theoretical size of a
+    network's receptive field, see ``skipnets.info.receptive_field``)."""
     x = inputs.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         with _Geometry():
@@ -352,7 +349,7 @@ class DeconvNet(Callback):
                 )
         else:
             chosen = [_resolve(name, modules) for name in self.layers]
-        self._layers = [(_short(name), modules[name]) for name in chosen]
+        self._layers = [(network_name(name), modules[name]) for name in chosen]
 
         stage_blocks: list[tuple[str, SkipBlock]] = []
         if self.refinement_stage != -1 and blocks:
@@ -368,7 +365,7 @@ class DeconvNet(Callback):
             raise ConfigError(
                 "DeconvNet: refinement_stage needs skip blocks; set it to -1 for this model"
             )
-        self._stage_blocks = [(_short(n), b) for n, b in stage_blocks]
+        self._stage_blocks = [(network_name(n), b) for n, b in stage_blocks]
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._check_shapes(trainer, pl_module)
@@ -433,7 +430,7 @@ class DeconvNet(Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A standalone `validate` (``skipnets deconvnet``): the checkpoint's weights are loaded.
         if trainer.state.fn == TrainerFn.VALIDATING:
-            # output_dir adds the checkpoint's name; a validate of in-memory weights gets one.
+            # plugin_dir adds the checkpoint's name; a validate of in-memory weights gets one.
             self.visualise(trainer, pl_module, folder=None if trainer.ckpt_path else "validate")
 
     # -- the analysis ---------------------------------------------------------------------------
@@ -469,7 +466,7 @@ class DeconvNet(Callback):
             pl_module.train(was_training)
 
     def _draw(self, trainer, pl_module, split: AnalysisSplit, watched, tops, epoch, name):
-        folder = output_dir(trainer, "deconvnet") / (name or "")
+        folder = plugin_dir(trainer, "deconvnet") / (name or "")
         folder.mkdir(parents=True, exist_ok=True)
         written = []
         self.rows = []
@@ -482,7 +479,7 @@ class DeconvNet(Callback):
             proj = project(
                 pl_module, module, x, torch.full_like(positions, channel), positions, method
             )
-            return x, proj, receptive_field(pl_module, module, x, positions)
+            return x, proj, unit_regions(pl_module, module, x, positions)
 
         # The first layer's filters, as they are.
         if self._first_conv is not None:
@@ -567,14 +564,10 @@ def _resolve(name: str, modules: dict[str, nn.Module]) -> str:
     for candidate in (name, f"model.{name}"):
         if candidate in modules and candidate:
             return candidate
-    suggestions = [n.removeprefix("model.") for n in modules if n and "." in n][:8]
+    suggestions = [network_name(n) for n in modules if n and "." in n][:8]
     raise ConfigError(
         f"DeconvNet: no layer named {name!r}; names look like {', '.join(suggestions)}"
     )
-
-
-def _short(name: str) -> str:
-    return name.removeprefix("model.")
 
 
 def _file_name(name: str) -> str:

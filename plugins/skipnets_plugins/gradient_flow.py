@@ -15,12 +15,12 @@ from matplotlib.colors import LogNorm, Normalize
 from torch import nn
 
 from skipnets.errors import ConfigError
-from skipnets.nn import SkipBlock
+from skipnets.nn import SkipBlock, network_name
+from skipnets.runs import plugin_dir
 from skipnets_plugins._plotting import (
     log_rows,
     mark_stages,
     new_figure,
-    output_dir,
     save_figure,
     write_csv,
 )
@@ -95,7 +95,7 @@ class GradientFlow(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._groups = [
-            (name.removeprefix("model."), stage_, params)
+            (network_name(name), stage_, params)
             for name, stage_, params in parameter_groups(pl_module, self.granularity)
         ]
         if not self._groups:
@@ -135,7 +135,7 @@ class GradientFlow(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or not self.rows:
             return
-        folder = output_dir(trainer, "gradient_flow")
+        folder = plugin_dir(trainer, "gradient_flow")
         write_csv(folder / "gradient_flow.csv", COLUMNS, self.rows)
         fig = plot_gradient_flow(self.rows, [stage for _, stage, _ in self._groups])
         save_figure(trainer, fig, folder / "gradient_flow.png", "gradient_flow/figure")

@@ -14,8 +14,9 @@ from torch import Tensor
 
 from skipnets.data.analysis import Split, analysis_split, check_split, inputs_of
 from skipnets.errors import ConfigError
-from skipnets.nn import SkipBlock, skip_blocks
-from skipnets_plugins._plotting import log_rows, new_figure, output_dir, save_figure, write_csv
+from skipnets.nn import SkipBlock, network_name, skip_blocks
+from skipnets.runs import plugin_dir
+from skipnets_plugins._plotting import log_rows, new_figure, save_figure, write_csv
 
 COLUMNS = (
     "epoch",
@@ -98,7 +99,7 @@ class HighwayGates(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._blocks = [
-            (name.removeprefix("model."), block)
+            (network_name(name), block)
             for name, block in skip_blocks(pl_module)
             if block.kind == "highway"
         ]
@@ -211,7 +212,7 @@ class HighwayGates(Callback):
                 )
         self.rows.extend(new_rows)
         if trainer.is_global_zero:
-            folder = output_dir(trainer, "highway_gates")
+            folder = plugin_dir(trainer, "highway_gates")
             write_csv(folder / "highway_gates.csv", COLUMNS, self.rows)
             fig = plot_highway_gates(new_rows)
             name = f"highway_gates_epoch{epoch:03d}.png"

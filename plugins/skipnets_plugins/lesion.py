@@ -4,26 +4,26 @@ Networks Behave Like Ensembles of Relatively Shallow Networks")."""
 
 from __future__ import annotations
 
-import csv
 import itertools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import astuple, dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
+from matplotlib.ticker import MaxNLocator
 from torch import nn
 
 from skipnets.data.analysis import AnalysisSplit, Split, analysis_split, check_split, inputs_of
 from skipnets.errors import ConfigError
-from skipnets.nn import SkipBlock, skip_blocks
-from skipnets.runs import log_figure, log_table, run_dir
+from skipnets.nn import SkipBlock, network_name, skip_blocks
+from skipnets.runs import plugin_dir
+from skipnets_plugins._plotting import log_rows, new_figure, save_figure, write_csv
 
 __all__ = ["Lesion", "LesionResult"]
 
@@ -113,6 +113,7 @@ class Lesion(Callback):
         self.results: list[LesionResult] = []
         self.skipped: list[str] = []
         self.output_dir: Path | None = None
+        self.chance: float | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if not any(True for _ in skip_blocks(pl_module)):
@@ -144,7 +145,7 @@ class Lesion(Callback):
                 block.lesioned = False
             pl_module.train(was_training)
         if trainer.is_global_zero:
-            self._report(trainer)
+            self._report(trainer, pl_module)
         return self.results
 
     def _study(
@@ -169,7 +170,7 @@ class Lesion(Callback):
                     k,
                     draw,
                     ";".join(map(str, indices)),
-                    ";".join(name for name, _ in picked),
+                    ";".join(network_name(name) for name, _ in picked),
                     ";".join(dict.fromkeys(block.kind for _, block in picked)),
                     ";".join(dict.fromkeys(str(block.stage) for _, block in picked)),
                     metrics[0],
@@ -180,7 +181,7 @@ class Lesion(Callback):
             )
 
         lesionable = [i for i, (_, block) in enumerate(blocks) if block.bypassable]
-        self.skipped = [name for name, block in blocks if not block.bypassable]
+        self.skipped = [network_name(name) for name, block in blocks if not block.bypassable]
         for i in lesionable:
             with _lesioned([blocks[i][1]]):
                 record("single", 1, 0, [i], evaluate())
@@ -211,6 +212,7 @@ class Lesion(Callback):
             with trainer.precision_plugin.forward_context():
                 logits = pl_module(x)
             logits = logits.float()
+            self.chance = 1.0 / logits.shape[-1]
             totals[0] += F.cross_entropy(logits, y, reduction="sum")
             totals[1] += (logits.argmax(1) == y).sum()
             totals[2] += y.numel()
@@ -263,15 +265,13 @@ class Lesion(Callback):
         return trainer.strategy.broadcast(swappable, src=0)
 
     # -- output -------------------------------------------------------------------------------
-    def _report(self, trainer: Trainer) -> None:
-        directory = run_dir(trainer) / "lesion"
-        directory.mkdir(parents=True, exist_ok=True)
+    def _report(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        directory = plugin_dir(trainer, "lesion")
         self.output_dir = directory
-        with open(directory / "lesion.csv", "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(COLUMNS)
-            writer.writerows(astuple(result) for result in self.results)
-        self._plot(directory / "lesion.png")
+        rows = [asdict(result) for result in self.results]
+        write_csv(directory / "lesion.csv", COLUMNS, rows)
+        figure = self._plot(_title(trainer, pl_module, self.split))
+        save_figure(trainer, figure, directory / "lesion.png", "lesion/plot", dpi=120)
 
         singles = [r for r in self.results if r.lesion == "single"]
         base_loss, base_acc = self.baseline
@@ -282,10 +282,7 @@ class Lesion(Callback):
             summary["lesion/single_min_acc"] = worst.accuracy
         for logger in trainer.loggers:
             logger.log_metrics(summary, step=trainer.global_step)
-        log_figure(trainer, "lesion/plot", directory / "lesion.png")
-        log_table(
-            trainer, "lesion/table", [list(astuple(r)) for r in self.results], columns=COLUMNS
-        )
+        log_rows(trainer, "lesion/table", COLUMNS, rows)
         lines = [f"Lesion study on the {self.split} split: baseline accuracy {base_acc:.4f}"]
         if singles:
             lines.append(
@@ -300,48 +297,75 @@ class Lesion(Callback):
         lines.append(f"  results: {directory / 'lesion.csv'}, {directory / 'lesion.png'}")
         rank_zero_info("\n".join(lines))
 
-    def _plot(self, path: Path) -> None:
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import MaxNLocator
-
+    def _plot(self, title: str):
+        """Accuracy and loss against the lesioned block (the dashed line: the intact network;
+        the dotted one: chance), and the k-random-deletion curve (mean over draws, bars from
+        the lowest to the highest draw). Lines join only neighbouring blocks that can be
+        lesioned: a gap marks blocks that could not be."""
         singles = [r for r in self.results if r.lesion == "single"]
         swaps = [r for r in self.results if r.lesion == "swap"]
         deletions = [r for r in self.results if r.lesion == "delete"]
         base_loss, base_acc = self.baseline
         panels = 3 if deletions else 2
-        figure = Figure(figsize=(4.2 * panels, 3.6), layout="constrained")
-        axes = figure.subplots(1, panels)
+        figure, grid = new_figure(1, panels, size=(4.2, 3.6))
+        axes = grid[0]
+        figure.suptitle(title)
         for ax, metric, baseline, label in (
             (axes[0], "accuracy", base_acc, "accuracy"),
             (axes[1], "loss", base_loss, "cross-entropy"),
         ):
-            x = [int(r.block_index) for r in singles]
-            ax.plot(x, [getattr(r, metric) for r in singles], "o-", ms=4, label="block lesioned")
+            x, y = _with_gaps(
+                [int(r.block_index) for r in singles], [getattr(r, metric) for r in singles]
+            )
+            ax.plot(x, y, "o-", ms=4, label="block lesioned")
             if swaps:
                 sx = [int(r.block_index.split(";")[0]) + 0.5 for r in swaps]
                 ax.plot(sx, [getattr(r, metric) for r in swaps], "x", label="pair swapped")
             ax.axhline(baseline, ls="--", color="k", lw=1, label="intact")
             ax.set_xlabel("block index")
             ax.set_ylabel(f"{self.split} {label}")
-            ax.legend(fontsize="small")
-        axes[0].set_ylim(0, 1.02)
+        for ax in axes[::2]:
+            if self.chance is not None:
+                ax.axhline(self.chance, ls=":", color="grey", lw=1, label="chance")
+            ax.set_ylim(0, 1.02)
         axes[0].set_title("single-block lesions")
         if deletions:
             ks = sorted({r.k for r in deletions})
-            per_k = [torch.tensor([r.accuracy for r in deletions if r.k == k]) for k in ks]
-            mean = [float(a.mean()) for a in per_k]
-            std = [float(a.std()) if len(a) > 1 else 0.0 for a in per_k]
+            per_k = [[r.accuracy for r in deletions if r.k == k] for k in ks]
+            mean = [sum(a) / len(a) for a in per_k]
+            spread = [
+                [m - min(a) for m, a in zip(mean, per_k)],
+                [max(a) - m for m, a in zip(mean, per_k)],
+            ]
             ax = axes[2]
-            ax.errorbar(ks, mean, yerr=std, fmt="o-", ms=4, capsize=2, label="mean over draws")
+            ax.errorbar(ks, mean, yerr=spread, fmt="o-", ms=4, capsize=2, label="mean over draws")
             ax.axhline(base_acc, ls="--", color="k", lw=1, label="intact")
-            ax.set_ylim(0, 1.02)
             ax.set_xlabel("blocks deleted at random (k)")
             ax.set_ylabel(f"{self.split} accuracy")
             ax.set_title("k random deletions")
-            ax.legend(fontsize="small")
         for ax in axes:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        figure.savefig(path, dpi=120)
+            ax.legend(fontsize="small")
+        return figure
+
+
+def _title(trainer: Trainer, pl_module: LightningModule, split: str) -> str:
+    arch = getattr(pl_module, "hparams", {}).get("arch") or type(pl_module).__name__
+    data = type(trainer.datamodule).__name__ if trainer.datamodule is not None else "data"
+    return f"Lesioning {arch} on {data} ({split} split)"
+
+
+def _with_gaps(x: list[int], y: list[float]) -> tuple[list[float], list[float]]:
+    """``x`` and ``y`` with a NaN wherever ``x`` skips an index, so the line breaks there."""
+    xs: list[float] = []
+    ys: list[float] = []
+    for i, (a, b) in enumerate(zip(x, y)):
+        if i and a != x[i - 1] + 1:
+            xs.append(math.nan)
+            ys.append(math.nan)
+        xs.append(a)
+        ys.append(b)
+    return xs, ys
 
 
 def _distinct_subsets(
@@ -371,11 +395,14 @@ def _lesioned(blocks: list[SkipBlock]) -> Iterator[None]:
 
 @contextmanager
 def _swapped(model: nn.Module, first: str, second: str) -> Iterator[None]:
+    # Reassigning a child keeps its place in the parent's order: the two swap places.
     container = model.get_submodule(first.rpartition(".")[0])
     a, b = first.rpartition(".")[2], second.rpartition(".")[2]
-    modules: dict[str, Any] = container._modules
-    modules[a], modules[b] = modules[b], modules[a]
+    module_a, module_b = container.get_submodule(a), container.get_submodule(b)
+    setattr(container, a, module_b)
+    setattr(container, b, module_a)
     try:
         yield
     finally:
-        modules[a], modules[b] = modules[b], modules[a]
+        setattr(container, a, module_a)
+        setattr(container, b, module_b)

@@ -20,12 +20,12 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from skipnets.errors import ConfigError
-from skipnets.nn import SkipBlock, skip_blocks
+from skipnets.nn import SkipBlock, network_name, skip_blocks
+from skipnets.runs import plugin_dir
 from skipnets_plugins._plotting import (
     log_rows,
     mark_stages,
     new_figure,
-    output_dir,
     save_figure,
     write_csv,
 )
@@ -108,7 +108,7 @@ class NormRatio(Callback):
 
     # -- lifecycle ---------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._blocks = [(_short(name), block) for name, block in skip_blocks(pl_module)]
+        self._blocks = [(network_name(name), block) for name, block in skip_blocks(pl_module)]
         if not self._blocks:
             raise ConfigError(
                 f"NormRatio needs skip blocks (skipnets.nn.SkipBlock), and "
@@ -208,7 +208,7 @@ class NormRatio(Callback):
     def _write(self, trainer: L.Trainer) -> None:
         if not trainer.is_global_zero or not self.rows:
             return
-        folder = output_dir(trainer, "norm_ratio")
+        folder = plugin_dir(trainer, "norm_ratio")
         write_csv(folder / "norm_ratio.csv", COLUMNS, self.rows)
         stages = [block.stage for _, block in self._blocks]
         fig = plot_norm_ratio(self.rows, stages)
@@ -220,10 +220,6 @@ def _cosine_hook(sums: Tensor, index: int, branch: Tensor, grad: Tensor) -> None
         cos = F.cosine_similarity(branch.flatten(1).float(), grad.flatten(1).float(), dim=1)
         sums[index, _COS] += cos.sum()
         sums[index, _COS_COUNT] += cos.numel()
-
-
-def _short(name: str) -> str:
-    return name.removeprefix("model.")
 
 
 def epoch_curves(rows: Sequence[dict[str, Any]], split: str) -> dict[int, np.ndarray]:

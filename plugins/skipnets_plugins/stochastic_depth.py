@@ -9,26 +9,20 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.strategies import DDPStrategy
+from torch.nn.parallel import DistributedDataParallel
 
 from skipnets.errors import ConfigError
-from skipnets.nn import SkipBlock, skip_blocks
+from skipnets.nn import (
+    SkipBlock,
+    check_drop_mode,
+    check_survival_prob,
+    linear_decay,
+    skip_blocks,
+)
 
-__all__ = ["StochasticDepth", "linear_decay"]
+__all__ = ["StochasticDepth"]
 
 DROPPABLE_KINDS = ("residual", "highway", "dense")
-
-
-def linear_decay(num_blocks: int, last_survival_prob: float) -> list[float]:
-    """Huang et al.'s rule ``p_l = 1 - (l / L) (1 - p_L)`` for blocks ``l = 1 .. L``."""
-    drop = 1.0 - last_survival_prob
-    return [1.0 - (depth / num_blocks) * drop for depth in range(1, num_blocks + 1)]
-
-
-def _check_prob(value: float, what: str) -> float:
-    if not 0.0 < value <= 1.0:
-        raise ConfigError(f"{what} must be in (0, 1], got {value}")
-    return float(value)
 
 
 def _import_function(path: str) -> Callable[..., float]:
@@ -114,11 +108,11 @@ class StochasticDepth(Callback):
             if not survival_prob:
                 raise ConfigError("survival_prob is an empty list")
             self.targets: list[float] | None = [
-                _check_prob(p, f"survival_prob[{i}]") for i, p in enumerate(survival_prob)
+                check_survival_prob(p, f"survival_prob[{i}]") for i, p in enumerate(survival_prob)
             ]
         else:
             self.targets = None
-            _check_prob(survival_prob, "survival_prob")
+            check_survival_prob(survival_prob, "survival_prob")
         if rule not in (None, "linear", "uniform"):
             raise ConfigError(f"rule must be 'linear' or 'uniform', not {rule!r}")
         self.survival_prob = survival_prob
@@ -137,10 +131,7 @@ class StochasticDepth(Callback):
         self._schedule_fn = (
             None if schedule in ("constant", "linear") else _import_function(schedule)
         )
-        if drop_mode not in ("batch", "sample"):
-            raise ConfigError(f"drop_mode must be 'batch' or 'sample', not {drop_mode!r}")
-        if scaling not in ("test", "inverted"):
-            raise ConfigError(f"scaling must be 'test' or 'inverted', not {scaling!r}")
+        check_drop_mode(drop_mode, scaling)
         self.drop_mode = drop_mode
         self.scaling = scaling
         bad = sorted(set(kinds) - set(DROPPABLE_KINDS))
@@ -158,6 +149,20 @@ class StochasticDepth(Callback):
         self._restored: dict[str, Any] | None = None
 
     # -- setup --------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # DDP has wrapped the model by now; its wrapper says whether it allows parameters
+        # without gradient, which every block dropped whole leaves.
+        wrapper = trainer.strategy.model
+        if (
+            self.drop_mode == "batch"
+            and isinstance(wrapper, DistributedDataParallel)
+            and not wrapper.find_unused_parameters
+        ):
+            raise ConfigError(
+                "StochasticDepth in batch mode leaves the dropped blocks' parameters without "
+                "gradient: use trainer.strategy=ddp_find_unused_parameters_true (or drop_mode=sample)"
+            )
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.blocks:
             return
@@ -180,21 +185,11 @@ class StochasticDepth(Callback):
             self.targets = (
                 linear_decay(len(blocks), p) if self.rule == "linear" else [p] * len(blocks)
             )
-        strategy = trainer.strategy
-        if (
-            self.drop_mode == "batch"
-            and isinstance(strategy, DDPStrategy)
-            and not strategy._ddp_kwargs.get("find_unused_parameters", False)
-        ):
-            raise ConfigError(
-                "StochasticDepth in batch mode leaves the dropped blocks' parameters without "
-                "gradient: use trainer.strategy=ddp_find_unused_parameters_true (or drop_mode=sample)"
-            )
         self.blocks = blocks
         self.others = len(all_blocks) - len(blocks)
         # The process seed (seed_everything's) keeps runs reproducible; rank zero's wins.
         seed = self.seed if self.seed is not None else torch.initial_seed() % 2**63
-        self.generator = torch.Generator().manual_seed(int(strategy.broadcast(seed, src=0)))
+        self.generator = torch.Generator().manual_seed(int(trainer.strategy.broadcast(seed, src=0)))
         for _, block in blocks:
             block.drop_mode = self.drop_mode
             block.scaling = self.scaling

@@ -168,7 +168,7 @@ class ResumableLoader(DataLoader):
     epoch-boundary resume; in the rest of an epoch resumed midway they differ (workers restart).
 
     A checkpoint written in the middle of a step (SLURM's pre-emption signal) counts a batch
-    that was fetched but not trained on; ``consumed``, when set (``skipnets.safety.RunState``
+    that was fetched but not trained on; ``consumed``, when set (``skipnets.resume.RunState``
     sets it), gives the number of batches the trainer itself counts as done, and wins.
     """
 
