@@ -4,6 +4,8 @@
     python -m benchmarks --quick               # fewer steps and repeats: a smoke run
     python -m benchmarks --only fit,skip       # some of them
     python -m benchmarks --markdown            # the table as Markdown, for the README
+    python -m benchmarks --only gpu            # skipnets fit against a hand-written loop on a GPU
+                                               # (more options: python -m benchmarks.bench_gpu -h)
 
 Each benchmark runs in its own process, so its peak resident memory is its own; inside it the
 skipnets side and its baseline alternate, and the ratio is skipnets over baseline (higher is
@@ -28,6 +30,7 @@ BENCHMARKS = {
     "stochastic_depth": "benchmarks.bench_stochastic_depth",
     "norm_ratio": "benchmarks.bench_norm_ratio",
     "data": "benchmarks.bench_data",
+    "gpu": "benchmarks.bench_gpu",
 }
 
 
@@ -160,8 +163,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(done.stderr[-4000:], file=sys.stderr)
                 continue
             rows += json.loads(Path(out.name).read_text())
-    print(f"\nmachine: {_machine()}")
-    print(_table(rows, args.markdown))
+    # A benchmark that cannot run here (the GPU one without CUDA) says why, in one line.
+    for row in rows:
+        if row.get("skipped"):
+            print(f"{row['benchmark']}: skipped: {row['skipped']}")
+    rows = [row for row in rows if not row.get("skipped")]
+    if rows:
+        print(f"\nmachine: {_machine()}")
+        print(_table(rows, args.markdown))
     return 0
 
 

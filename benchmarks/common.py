@@ -16,7 +16,9 @@ import torch
 class Row:
     """One line of the table: ``value`` of skipnets against ``baseline_value`` of the baseline.
 
-    ``ratio`` is always "higher is better for skipnets" (a throughput ratio, or a speed-up).
+    ``ratio`` is always "higher is better for skipnets" (a throughput ratio, or a speed-up):
+    for a time or another quantity where less is better (``lower_is_better``), baseline over
+    value.
     """
 
     benchmark: str
@@ -27,11 +29,14 @@ class Row:
     target: str = ""
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    lower_is_better: bool = False
 
     @property
     def ratio(self) -> float | None:
         if not self.value or not self.baseline_value:
             return None
+        if self.lower_is_better:
+            return self.baseline_value / self.value
         return self.value / self.baseline_value
 
     def as_dict(self) -> dict[str, Any]:

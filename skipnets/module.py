@@ -13,7 +13,9 @@ from lightning.pytorch.cli import instantiate_class
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 
+from skipnets.data.analysis import analysis_split, inputs_of
 from skipnets.errors import ConfigError
+from skipnets.progress import TimedProgressBar
 from skipnets.registry import create_model, model_info
 
 DEFAULT_OPTIMIZER = {
@@ -22,6 +24,11 @@ DEFAULT_OPTIMIZER = {
 }
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+TTA_MODES = ("none", "mirror", "mirror_translate")
+
+#: Schedulers whose length the Classifier fills in from the run when the config leaves it out.
+RUN_LENGTH_SCHEDULERS = ("OneCycleLR", "LinearWarmupDecayLR")
 
 
 def build_model(
@@ -86,8 +93,9 @@ class Classifier(L.LightningModule):
     the steps the loggers write (every ``trainer.log_every_n_steps``), at the last batch of each
     epoch and at the last step of the run. The loss is summed on the device every step and
     handed to Lightning's ``self.log`` (a fraction of a millisecond per call) only on those
-    steps. ``train/acc`` and ``train/acc_top5`` per epoch; ``val/...`` and ``test/...`` loss
-    and accuracies per epoch.
+    steps; skipnets' progress bar reads it when it redraws, and nothing reads it on the other
+    steps, which therefore never wait for the GPU. ``train/acc`` and ``train/acc_top5`` per
+    epoch; ``val/...`` and ``test/...`` loss and accuracies per epoch.
 
     Args:
         arch: registered model name (``skipnets models`` lists them).
@@ -104,7 +112,8 @@ class Classifier(L.LightningModule):
             epoch or each step (``lr_scheduler_interval``). ``ReduceLROnPlateau`` watches
             ``val/loss`` (per epoch only). ``OneCycleLR`` without ``total_steps`` (nor
             ``epochs``/``steps_per_epoch``) gets the run's length: its optimizer steps
-            (``trainer.estimated_stepping_batches``) or its ``trainer.max_epochs``.
+            (``trainer.estimated_stepping_batches``) or its ``trainer.max_epochs``; so does
+            ``skipnets.schedulers.LinearWarmupDecayLR`` without ``total_steps``.
         channels_last: keep image models' weights and inputs in channels-last (NHWC) memory
             layout, which tensor-core GPUs run faster (with mixed precision in particular).
         compile: ``torch.compile`` the network: ``true``, or a dict of ``torch.compile``'s
@@ -113,6 +122,30 @@ class Classifier(L.LightningModule):
             into the compiled code; attaching or removing one recompiles once).
         lr_scheduler_interval: ``epoch`` (the papers' step schedules) or ``step`` (one-cycle,
             warm-up and other per-batch schedules).
+        tta: test-time augmentation in validation, test and predict (Jordan 2024, airbench):
+            ``none``; ``mirror``, the mean of the logits of the image and of its mirror image;
+            ``mirror_translate``, half that and half the mean of the same for the image
+            translated by one pixel up-left and down-right (reflect padding): six forward
+            passes per image. Image models only.
+        norm_bias_lr_scale: the biases of normalisation layers train at this multiple of the
+            learning rate (airbench: 64), with their weight decay divided by it, so that the
+            decay per step stays what it is for the other weights.
+        decoupled_per_examples: airbench's decoupled hyperparameters (after Page 2018): when
+            set to N (airbench: 1024), the SGD optimizer's ``lr`` and ``weight_decay`` are given
+            per N training examples and the optimizer runs with ``lr * B / (N * (1 + 1 / (1 -
+            momentum)))`` and ``weight_decay / lr``, where B is the examples per optimizer step
+            (the data module's ``batch_size`` x devices x gradient accumulation). The step size
+            then follows ``lr`` alone whatever the batch size and momentum (airbench's
+            normalisation, written for Nesterov momentum), and the decay per step follows
+            ``weight_decay`` alone whatever ``lr``. SGD only.
+
+    Networks that initialise themselves from data (airbench's whitening layer) expose
+    ``init_from_data(images)`` and ``init_data_size``: at the start of ``fit`` (not when resuming
+    from a checkpoint) they get the first ``init_data_size`` training images, without training
+    augmentation, on their device; every rank gets the same ones. Networks that train some
+    parameters for the first epochs only expose ``parameter_epochs`` (``{name: epochs}``):
+    from that epoch on the optimizer skips them (on one device they stop requiring gradients,
+    which also saves their backward pass).
     """
 
     def __init__(
@@ -128,6 +161,9 @@ class Classifier(L.LightningModule):
         channels_last: bool = False,
         compile: bool | dict[str, Any] = False,
         lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
+        tta: Literal["none", "mirror", "mirror_translate"] = "none",
+        norm_bias_lr_scale: float = 1.0,
+        decoupled_per_examples: int | None = None,
     ) -> None:
         super().__init__()
         if lr_scheduler_interval not in ("epoch", "step"):
@@ -138,6 +174,11 @@ class Classifier(L.LightningModule):
             raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if channels_last and model_info(arch).input_kind != "image":
             raise ConfigError(f"model.channels_last applies to image models; {arch} takes vectors")
+        if tta not in TTA_MODES:
+            raise ConfigError(f"model.tta must be one of {', '.join(TTA_MODES)}, not {tta!r}")
+        if tta != "none" and model_info(arch).input_kind != "image":
+            raise ConfigError(f"model.tta mirrors and shifts images; {arch} takes vectors")
+        _check_decoupled(optimizer, lr_scheduler, norm_bias_lr_scale, decoupled_per_examples)
         compile_options = _compile_options(compile)
         self.save_hyperparameters(
             {
@@ -152,6 +193,9 @@ class Classifier(L.LightningModule):
                 "channels_last": bool(channels_last),
                 "compile": compile,
                 "lr_scheduler_interval": lr_scheduler_interval,
+                "tta": tta,
+                "norm_bias_lr_scale": float(norm_bias_lr_scale),
+                "decoupled_per_examples": decoupled_per_examples,
             }
         )
         self._compile_options = compile_options
@@ -165,6 +209,7 @@ class Classifier(L.LightningModule):
         self.losses = nn.ModuleDict({f"{split}_": MeanMetric() for split in ("val", "test")})
         self._train_loss_sum: Tensor | None = None
         self._train_loss_batches = 0
+        self._stopped: list[nn.Parameter] = []  # past their parameter_epochs
 
     @staticmethod
     def _split_metrics(num_classes: int) -> Metric:
@@ -185,7 +230,7 @@ class Classifier(L.LightningModule):
 
     def _step(self, batch: tuple[Tensor, Tensor], split: str) -> Tensor:
         x, y = batch
-        logits = self.model(x)
+        logits = self.model(x) if split == "train" else self._evaluate(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         metrics = self.metrics[f"{split}_"]
         metrics.update(logits.detach(), y)
@@ -209,8 +254,16 @@ class Classifier(L.LightningModule):
         self._train_loss_sum = loss.clone() if total is None else total.add_(loss)
         self._train_loss_batches += 1
         if self._train_loss_due(batch_idx):
-            self.log("train/loss", self._train_loss_sum / self._train_loss_batches, prog_bar=True)
+            mean = self._train_loss_sum / self._train_loss_batches
+            self.log("train/loss", mean, prog_bar=self._loss_on_progress_bar())
             self._train_loss_sum, self._train_loss_batches = None, 0
+
+    def _loss_on_progress_bar(self) -> bool:
+        # Lightning turns a value logged with prog_bar=True into a Python number after every
+        # later step of the epoch: one host sync per step (on a GPU, a wait for the GPU), with
+        # or without a bar. TimedProgressBar reads the loss itself when it redraws.
+        bar = self.trainer.progress_bar_callback
+        return bar is not None and not isinstance(bar, TimedProgressBar)
 
     def _train_loss_due(self, batch_idx: int) -> bool:
         trainer = self._trainer
@@ -226,6 +279,48 @@ class Classifier(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._train_loss_sum, self._train_loss_batches = None, 0
+        self._stop_finished_parameters()
+
+    def on_fit_start(self) -> None:
+        init = getattr(self.model, "init_from_data", None)
+        if init is not None and self.trainer.ckpt_path is None:
+            count = int(getattr(self.model, "init_data_size", 5000))
+            split = analysis_split(self.trainer, "train", owner=self.hparams.arch)
+            # The same images on every rank (fetch reads any positions), so ranks agree.
+            x = inputs_of(split.fetch(self.trainer, range(min(count, split.size))))
+            with torch.no_grad():
+                init(x)
+
+    def _stop_finished_parameters(self) -> None:
+        limits = getattr(self.model, "parameter_epochs", None) or {}
+        epoch = self.current_epoch
+        self._stopped = [self.model.get_parameter(n) for n, e in limits.items() if epoch >= e]
+        if self.trainer.world_size == 1:
+            # DDP waits for a gradient of every parameter it was built with: there, the
+            # gradient is computed and dropped before the optimizer step instead.
+            for name, epochs in limits.items():
+                self.model.get_parameter(name).requires_grad_(epoch < epochs)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        for param in self._stopped:
+            param.grad = None  # SGD and Adam skip a parameter without a gradient entirely
+
+    def _evaluate(self, x: Tensor) -> Tensor:
+        """The network's logits, averaged over the test-time augmentation's views."""
+        tta = self.hparams.get("tta", "none")
+        if tta == "none":
+            return self.model(x)
+        logits = self._mirrored(x)
+        if tta == "mirror":
+            return logits
+        height, width = x.shape[-2:]
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        up_left, down_right = padded[..., :height, :width], padded[..., 2:, 2:]
+        shifted = (self._mirrored(up_left) + self._mirrored(down_right)) / 2
+        return (logits + shifted) / 2
+
+    def _mirrored(self, x: Tensor) -> Tensor:
+        return (self.model(x) + self.model(x.flip(-1))) / 2
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
@@ -235,7 +330,7 @@ class Classifier(L.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self.model(x).softmax(dim=-1)
+        return self._evaluate(x).softmax(dim=-1)
 
     def _log_epoch(self, split: str) -> None:
         values = {f"{split}/{k}": v for k, v in self.metrics[f"{split}_"].compute().items()}
@@ -256,7 +351,11 @@ class Classifier(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         groups = param_groups(self.model, self.hparams.weight_decay_norm_and_bias)
-        optimizer = instantiate_class(groups, self.hparams.optimizer or DEFAULT_OPTIMIZER)
+        optimizer_config = self._optimizer_config()
+        scale = self.hparams.get("norm_bias_lr_scale", 1.0)
+        if scale != 1.0:
+            groups = _scale_norm_biases(self.model, groups, optimizer_config["init_args"], scale)
+        optimizer = instantiate_class(groups, optimizer_config)
         if not self.hparams.lr_scheduler:
             return optimizer
         interval = self.hparams.get("lr_scheduler_interval", "epoch")
@@ -271,20 +370,48 @@ class Classifier(L.LightningModule):
             config["monitor"] = "val/loss"
         return {"optimizer": optimizer, "lr_scheduler": config}
 
+    def _optimizer_config(self) -> dict[str, Any]:
+        """The optimizer's config, its ``lr`` and ``weight_decay`` converted from airbench's
+        decoupled form when ``decoupled_per_examples`` is set."""
+        config = dict(self.hparams.optimizer or DEFAULT_OPTIMIZER)
+        init = dict(config.get("init_args") or {})
+        config["init_args"] = init
+        per = self.hparams.get("decoupled_per_examples")
+        if per:
+            lr, momentum = float(init["lr"]), float(init.get("momentum", 0.0))
+            examples = self._examples_per_step()
+            init["weight_decay"] = float(init.get("weight_decay", 0.0)) / lr
+            init["lr"] = lr * examples / (per * (1 + 1 / (1 - momentum)))
+        return config
+
+    def _examples_per_step(self) -> int:
+        trainer = self.trainer
+        batch_size = getattr(trainer.datamodule, "batch_size", None)
+        if not isinstance(batch_size, int):
+            raise ConfigError(
+                "model.decoupled_per_examples scales the learning rate by the batch size: train "
+                "with a data module that has a batch_size"
+            )
+        return batch_size * trainer.world_size * trainer.accumulate_grad_batches
+
     def _scheduler_config(self, interval: str) -> dict[str, Any]:
-        """The scheduler's config; a ``OneCycleLR`` told nothing of its length gets the run's."""
+        """The scheduler's config; a ``OneCycleLR`` or ``LinearWarmupDecayLR`` told nothing of
+        its length gets the run's."""
         config = dict(self.hparams.lr_scheduler)
         init = dict(config.get("init_args") or {})
-        one_cycle = str(config.get("class_path", "")).endswith("OneCycleLR")
-        lengths = ("total_steps", "epochs", "steps_per_epoch")
-        if one_cycle and all(init.get(name) is None for name in lengths):
+        name = str(config.get("class_path", "")).rsplit(".", 1)[-1]
+        if name == "OneCycleLR":
+            lengths: tuple[str, ...] = ("total_steps", "epochs", "steps_per_epoch")
+        else:
+            lengths = ("total_steps",)
+        if name in RUN_LENGTH_SCHEDULERS and all(init.get(n) is None for n in lengths):
             if interval == "step":
                 total = self.trainer.estimated_stepping_batches
             else:
                 total = self.trainer.max_epochs
             if total is None or total < 1 or total == float("inf"):
                 raise ConfigError(
-                    "OneCycleLR needs the run's length: set trainer.max_epochs or "
+                    f"{name} needs the run's length: set trainer.max_epochs or "
                     "trainer.max_steps, or the scheduler's total_steps"
                 )
             init["total_steps"] = int(total)
@@ -322,6 +449,66 @@ class TopKAccuracy(Metric):
     def compute(self) -> dict[str, Tensor]:
         accuracy = self.correct.float() / self.total.clamp(min=1).float()
         return {("acc" if k == 1 else f"acc_top{k}"): a for k, a in zip(self.top_k, accuracy)}
+
+
+def _check_decoupled(
+    optimizer: dict[str, Any] | None,
+    lr_scheduler: dict[str, Any] | None,
+    norm_bias_lr_scale: float,
+    decoupled_per_examples: int | None,
+) -> None:
+    """Refuse, at construction, learning-rate options that cannot work together."""
+    if norm_bias_lr_scale <= 0:
+        raise ConfigError(f"model.norm_bias_lr_scale must be positive, got {norm_bias_lr_scale}")
+    if decoupled_per_examples is not None and decoupled_per_examples < 1:
+        raise ConfigError(
+            f"model.decoupled_per_examples must be a positive number of examples (airbench: "
+            f"1024) or null, got {decoupled_per_examples}"
+        )
+    optimizer = optimizer or DEFAULT_OPTIMIZER
+    init = optimizer.get("init_args") or {}
+    if decoupled_per_examples:
+        if str(optimizer.get("class_path", "")).rsplit(".", 1)[-1] != "SGD":
+            raise ConfigError(
+                "model.decoupled_per_examples converts SGD's lr, momentum and weight_decay; "
+                f"the optimizer is {optimizer.get('class_path')}: use torch.optim.SGD or "
+                "leave decoupled_per_examples out"
+            )
+        if not init.get("lr") or not 0.0 <= float(init.get("momentum", 0.0)) < 1.0:
+            raise ConfigError(
+                "model.decoupled_per_examples needs the optimizer's lr > 0 and momentum in [0, 1)"
+            )
+    if norm_bias_lr_scale != 1.0 and not init.get("lr"):
+        raise ConfigError("model.norm_bias_lr_scale needs the optimizer's lr in its init_args")
+    scheduler = str((lr_scheduler or {}).get("class_path", "")).rsplit(".", 1)[-1]
+    if scheduler == "OneCycleLR" and (decoupled_per_examples or norm_bias_lr_scale != 1.0):
+        raise ConfigError(
+            "OneCycleLR sets every parameter group's learning rate from its max_lr, which undoes "
+            "model.decoupled_per_examples and model.norm_bias_lr_scale; use a schedule that "
+            "multiplies each group's rate, such as skipnets.schedulers.LinearWarmupDecayLR"
+        )
+
+
+def _scale_norm_biases(
+    model: nn.Module, groups: list[dict[str, Any]], init: dict[str, Any], scale: float
+) -> list[dict[str, Any]]:
+    """``groups`` with the trainable biases of norm layers moved to groups of their own, at
+    ``scale`` times the learning rate and the weight decay divided by ``scale``."""
+    biases = {
+        id(m.bias)
+        for m in model.modules()
+        if isinstance(m, _NORM_TYPES) and getattr(m, "bias", None) is not None
+    }
+    scaled_groups = []
+    for group in groups:
+        params = group["params"]
+        group["params"] = [p for p in params if id(p) not in biases]
+        scaled = [p for p in params if id(p) in biases]
+        if scaled:
+            decay = group.get("weight_decay", init.get("weight_decay", 0.0))
+            lr, decay = init["lr"] * scale, decay / scale
+            scaled_groups.append({**group, "params": scaled, "lr": lr, "weight_decay": decay})
+    return [group for group in groups + scaled_groups if group["params"]]
 
 
 def _to_channels_last(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:

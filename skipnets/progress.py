@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.progress_bar import get_standard_metrics
 
 from skipnets.errors import ConfigError
 
@@ -41,6 +42,16 @@ class TimedProgressBar(TQDMProgressBar):
         super().__init__(refresh_rate=1, leave=leave)
         self.refresh_interval = refresh_interval
         self._last_redraw = float("-inf")
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        # The Classifier logs train/loss without prog_bar (Lightning would read a prog_bar value
+        # on the host after every step); it is read here, once per redraw.
+        metrics = super().get_metrics(trainer, pl_module)
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is None or "train/loss" in metrics:
+            return metrics
+        standard = {k: metrics[k] for k in get_standard_metrics(trainer) if k in metrics}
+        return {**standard, "train/loss": float(loss), **metrics}
 
     def _due(self, batch_idx: int, total: float | int | None) -> bool:
         now = time.monotonic()

@@ -11,6 +11,7 @@ import sys
 import lightning as L
 import pytest
 import torch
+from conftest import quiet_trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
@@ -45,14 +46,10 @@ def _fit_with_csv(tmp_path, **trainer_kwargs) -> tuple[L.Trainer, list[float], l
     torch.manual_seed(0)
     data = Digits(image_size=None, batch_size=32)
     steps = _StepLosses()
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         limit_val_batches=0,
         logger=CSVLogger(tmp_path, name="run"),
         callbacks=[steps],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         **trainer_kwargs,
     )
     trainer.fit(_classifier(data), datamodule=data)
@@ -97,14 +94,11 @@ def _counts_shown(capsys, refresh_interval: float) -> set[int]:
     """The batch counts the training bar showed over one epoch of 12 batches."""
     torch.manual_seed(0)
     data = Digits(image_size=None, batch_size=32)
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_epochs=1,
         limit_train_batches=12,
         limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
+        enable_progress_bar=True,
         callbacks=[TimedProgressBar(refresh_interval=refresh_interval)],
     )
     capsys.readouterr()

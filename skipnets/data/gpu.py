@@ -11,9 +11,10 @@ before normalisation, flip with probability one half).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -23,7 +24,15 @@ from skipnets.data.base import DataModule
 from skipnets.data.vision import CIFAR10, CIFAR100, MNIST, TorchvisionData
 from skipnets.errors import ConfigError
 
-__all__ = ["GPUCIFAR10", "GPUCIFAR100", "GPUMNIST", "DeviceLoader", "GPUVisionData", "augment"]
+__all__ = [
+    "GPUCIFAR10",
+    "GPUCIFAR100",
+    "GPUMNIST",
+    "DeviceLoader",
+    "GPUVisionData",
+    "alternating_flips",
+    "augment",
+]
 
 
 def _seed(*parts: int) -> int:
@@ -35,33 +44,44 @@ def augment(
     images: Tensor,
     generator: torch.Generator,
     crop_padding: int = 0,
-    flip: bool = False,
+    flip: bool | Tensor = False,
     cutout: int = 0,
     mean: Tensor | None = None,
     std: Tensor | None = None,
+    padding_mode: str = "constant",
 ) -> Tensor:
     """Random crop, flip, normalisation and cutout of a uint8 batch ``(N, C, H, W)``.
 
-    Crop: zero-pad by ``crop_padding`` and take an ``H x W`` window at an offset drawn uniformly
-    from ``0..2 * crop_padding`` on each axis (torchvision's ``RandomCrop(padding=p)``).
-    Flip: mirror left-right with probability 0.5. Cutout (DeVries & Taylor 2017): zero a
+    Crop: pad by ``crop_padding`` and take an ``H x W`` window at an offset drawn uniformly
+    from ``0..2 * crop_padding`` on each axis (torchvision's ``RandomCrop(padding=p)``). The
+    padding is black (``padding_mode="constant"``) or the image mirrored at its border without
+    repeating the edge pixel (``"reflect"``, torchvision's and airbench's reflect padding).
+    Flip: mirror left-right with probability 0.5 (``flip=True``), or exactly the images where
+    ``flip``, a boolean tensor of shape ``(N,)``, is true. Cutout (DeVries & Taylor 2017): zero a
     ``cutout x cutout`` square (after normalisation, so it takes the mean colour) centred at a
     uniformly drawn pixel, clipped at the border. Returns float32, normalised with
     ``mean``/``std`` (per channel, on the 0..1 scale) when given.
     """
     n, _, height, width = images.shape
     device = images.device
+    if padding_mode not in ("constant", "reflect"):
+        raise ConfigError(f"padding_mode must be 'constant' or 'reflect', not {padding_mode!r}")
     if crop_padding:
         p = crop_padding
-        padded = torch.nn.functional.pad(images, (p, p, p, p))
         top = torch.randint(0, 2 * p + 1, (n,), generator=generator, device=device)
         left = torch.randint(0, 2 * p + 1, (n,), generator=generator, device=device)
         rows = (top[:, None] + torch.arange(height, device=device))[:, :, None]
         cols = (left[:, None] + torch.arange(width, device=device))[:, None, :]
+        if padding_mode == "constant":
+            source = torch.nn.functional.pad(images, (p, p, p, p))
+        else:  # the padded copy's rows and columns, read straight from the image
+            source, rows, cols = images, _reflect(rows - p, height), _reflect(cols - p, width)
         # Advanced indices around a slice put their dimensions first: (N, H, W, C).
-        images = padded[torch.arange(n, device=device)[:, None, None], :, rows, cols]
+        images = source[torch.arange(n, device=device)[:, None, None], :, rows, cols]
         images = images.permute(0, 3, 1, 2)
-    if flip:
+    if isinstance(flip, Tensor):
+        images = torch.where(flip[:, None, None, None], images.flip(3), images)
+    elif flip:
         mirrored = torch.rand(n, generator=generator, device=device) < 0.5
         images = torch.where(mirrored[:, None, None, None], images.flip(3), images)
     out = images.float().div_(255)
@@ -77,6 +97,38 @@ def augment(
         inside &= xs < cx - low + cutout
         out = out.masked_fill(inside[:, None], 0.0)
     return out.contiguous()
+
+
+def _reflect(index: Tensor, size: int) -> Tensor:
+    """Indices of a reflect-padded axis mapped into ``0..size - 1``: -1 -> 1, size -> size - 2."""
+    index = index.abs()
+    return (size - 1) - ((size - 1) - index).abs()
+
+
+def alternating_flips(seed: int, indices: Tensor, epoch: int) -> Tensor:
+    """Which of the images ``indices`` to mirror in ``epoch`` under airbench's alternating flip.
+
+    Jordan (2024) mirrors a random half of the training images in the first epoch and then
+    flips every image's state each epoch, so that each image is seen both ways in any two
+    consecutive epochs. The first epoch's half is a fixed bit per ``(seed, index)``: a 32-bit
+    integer hash of the index offset by the seed (xor-shifts and multiplications, as murmur3's
+    finaliser), so there is no state, and it is the same on every rank and after a resume.
+    Epoch ``e`` mirrors the images whose bit differs from ``e``'s parity.
+    """
+    mask = 0xFFFFFFFF
+    x = (indices.long() + ((seed * 0x9E3779B9) & mask)) & mask
+    # Multipliers below 2**31 keep every product of 32-bit values within int64.
+    for shift, multiplier in ((16, 0x5BD1E995), (13, 0x27D4EB2F)):
+        x = ((x ^ (x >> shift)) * multiplier) & mask
+    x = x ^ (x >> 16)
+    return ((x >> 7) & 1).bool() ^ bool(epoch % 2)
+
+
+def _takes_indices_and_epoch(transform: Callable[..., Tensor]) -> bool:
+    try:
+        return {"indices", "epoch"} <= set(inspect.signature(transform).parameters)
+    except (TypeError, ValueError):  # a callable without a signature takes what it is given
+        return False
 
 
 class _Epoch:
@@ -96,7 +148,9 @@ class DeviceLoader:
     on every rank; rank ``r`` of ``w`` takes the ``r``-th of ``w`` equal slices (the last
     ``len % w`` samples of the permutation wait for another epoch), so ranks see disjoint data
     and the same number of batches. Evaluation: every sample exactly once across ranks, in order.
-    Augmentation draws from a generator seeded with ``(seed, epoch, rank)``.
+    Augmentation draws from a generator seeded with ``(seed, epoch, rank)``. A ``transform``
+    that takes the keyword arguments ``indices`` and ``epoch`` also gets the batch's sample
+    indices and the epoch (for augmentations keyed by image, like the alternating flip).
 
     ``state_dict`` records how far into the epoch it is; after a resume in the middle of an
     epoch the first pass skips the batches already trained on.
@@ -119,6 +173,7 @@ class DeviceLoader:
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.transform = transform
+        self._transform_by_index = _takes_indices_and_epoch(transform)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.drop_last = drop_last
         self.sampler = _Epoch()
@@ -162,7 +217,13 @@ class DeviceLoader:
         for batch in range(skip, len(self)):
             index = order[batch * self.batch_size : (batch + 1) * self.batch_size]
             self._position = batch + 1
-            yield self.transform(self.images[index], generator), self.labels[index]
+            if self._transform_by_index:
+                images = self.transform(
+                    self.images[index], generator, indices=index, epoch=self.epoch
+                )
+            else:
+                images = self.transform(self.images[index], generator)
+            yield images, self.labels[index]
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batches": self._position}
@@ -184,7 +245,13 @@ class GPUVisionData(DataModule):
         augment: apply the training augmentation below (off: plain normalised images).
         crop_padding: random crop from a copy padded by this many pixels (0: no crop); default
             the torchvision path's (4 for CIFAR, none for MNIST).
+        padding_mode: what the crop's padding holds: ``constant`` (black, torchvision's
+            default) or ``reflect`` (the image mirrored at its border; airbench's translate-by-2
+            is ``crop_padding: 2, padding_mode: reflect``).
         flip: random horizontal flip; default the torchvision path's (CIFAR yes, MNIST no).
+            ``alternate``: airbench's alternating flip (Jordan 2024): a fixed random half of the
+            training images is mirrored in the first epoch, and every image's flip state
+            alternates from each epoch to the next (``alternating_flips``).
         cutout: side of the cutout square in pixels (0: off; 16 in DeVries & Taylor's CIFAR-10).
         batch_size: training batch size per device.
         eval_batch_size: batch size for validation and test (default: ``batch_size``).
@@ -201,7 +268,8 @@ class GPUVisionData(DataModule):
         val_size: int = 5000,
         augment: bool = True,
         crop_padding: int | None = None,
-        flip: bool | None = None,
+        padding_mode: Literal["constant", "reflect"] = "constant",
+        flip: bool | Literal["alternate"] | None = None,
         cutout: int = 0,
         batch_size: int = 512,
         eval_batch_size: int | None = None,
@@ -218,6 +286,12 @@ class GPUVisionData(DataModule):
             raise ConfigError(f"val_size must be >= 0, got {val_size}")
         if crop_padding is not None and crop_padding < 0:
             raise ConfigError(f"crop_padding must be >= 0, got {crop_padding}")
+        if padding_mode not in ("constant", "reflect"):
+            raise ConfigError(
+                f"padding_mode must be 'constant' (black) or 'reflect', not {padding_mode!r}"
+            )
+        if flip not in (None, True, False, "alternate"):
+            raise ConfigError(f"flip must be true, false or 'alternate', not {flip!r}")
         if cutout < 0 or cutout > max(source.input_shape[1:]):
             raise ConfigError(f"cutout must be between 0 and the image size, got {cutout}")
         if eval_batch_size is not None and eval_batch_size < 1:
@@ -225,6 +299,11 @@ class GPUVisionData(DataModule):
         self.val_size = val_size
         self.augment = augment
         self.crop_padding = self.default_crop_padding if crop_padding is None else crop_padding
+        if padding_mode == "reflect" and self.crop_padding >= min(source.input_shape[1:]):
+            raise ConfigError(
+                f"reflect padding needs crop_padding below the image size, got {self.crop_padding}"
+            )
+        self.padding_mode = padding_mode
         self.flip = self.default_flip if flip is None else flip
         self.cutout = cutout
         self.eval_batch_size = eval_batch_size or batch_size
@@ -275,11 +354,29 @@ class GPUVisionData(DataModule):
         self._mean = torch.tensor(self.source.mean, device=device)
         self._std = torch.tensor(self.source.std, device=device)
 
-    def _train_transform(self, images: Tensor, generator: torch.Generator) -> Tensor:
+    def _train_transform(
+        self,
+        images: Tensor,
+        generator: torch.Generator,
+        indices: Tensor | None = None,
+        epoch: int = 0,
+    ) -> Tensor:
         if not self.augment:
             return self._eval_transform(images, generator)
+        flip: bool | Tensor = self.flip
+        if flip == "alternate":
+            if indices is None:
+                raise ValueError("the alternating flip needs the images' dataset indices")
+            flip = alternating_flips(self.seed, indices, epoch)
         return augment(
-            images, generator, self.crop_padding, self.flip, self.cutout, self._mean, self._std
+            images,
+            generator,
+            self.crop_padding,
+            flip,
+            self.cutout,
+            self._mean,
+            self._std,
+            padding_mode=self.padding_mode,
         )
 
     def _eval_transform(self, images: Tensor, generator: torch.Generator) -> Tensor:
