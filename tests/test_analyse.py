@@ -50,16 +50,17 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _analyse(run: Path, *args: str) -> int:
+def _analyse(run: Path, plugin: str, *options: str) -> int:
     return main(
         [
             "analyse",
-            *args,
+            plugin,
             "--config",
             str(run / "config.yaml"),
             "--ckpt_path",
             str(run / "checkpoints" / "last.ckpt"),
             "--trainer.enable_progress_bar=false",
+            *options,  # after the config, which they override
         ]
     )
 
@@ -69,7 +70,9 @@ def test_results_go_into_the_trained_run_and_its_records_stay(run: Path, capsys)
     gates_before = (run / "highway_gates" / "highway_gates.csv").read_text()
     ratios_before = (run / "norm_ratio" / "norm_ratio.csv").read_text()
 
-    assert _analyse(run, "HighwayGates") == 0
+    # On the shadow device (skipnets.testing): the analysis runs where the model is.
+    shadow = "--trainer.strategy.class_path=skipnets.testing.ShadowDevice"
+    assert _analyse(run, "HighwayGates", shadow) == 0
     out = capsys.readouterr().out
     assert "HighwayGates wrote" in out and str(run) in out
     # The checkpoint's measurement sits beside the training run's, which stays as it was;
