@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 from collections.abc import Iterator
@@ -25,11 +26,13 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from skipnets.errors import ConfigError
+from skipnets.errors import CheckpointWriteError, ConfigError
 
 __all__ = [
     "DEFAULT_LAST_EVERY_N_STEPS",
+    "PREEMPTED_EXIT_CODE",
     "AtomicCheckpointIO",
     "LastCheckpoint",
     "check_checkpoint",
@@ -39,16 +42,20 @@ __all__ = [
 ]
 
 DEFAULT_LAST_EVERY_N_STEPS = 500
+#: The exit status of a run stopped by SIGTERM (128 + 15, what a shell reports for it).
+PREEMPTED_EXIT_CODE = 143
 PARTIAL_SUFFIX = ".partial"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints that are never half-written, loaded without unpickling arbitrary objects.
 
-    ``torch.save`` streams into ``<name>.partial`` in the target's own directory (a rename across
+    ``torch.save`` streams into ``<name>.<pid>.partial`` in the target's own directory (one side
+    file per writing process, so two runs never share one; a rename across
     file systems would be a copy, and a copy can be cut short), the file is synced to disk, then
     renamed over the target. A kill at any moment leaves either the old or the new checkpoint,
-    both complete; a stale ``.partial`` is overwritten by the next save. Remote paths (``s3://``
+    both complete. A save that fails (a full disk, a read-only folder) removes its side file and
+    stops the run with :class:`~skipnets.errors.CheckpointWriteError`. Remote paths (``s3://``
     and the like) keep Lightning's own upload, which is atomic per object.
     """
 
@@ -60,12 +67,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + PARTIAL_SUFFIX)
-        with open(partial, "wb") as file:
-            torch.save(checkpoint, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(partial, target)
+        partial = target.with_name(f"{target.name}.{os.getpid()}{PARTIAL_SUFFIX}")
+        try:
+            with open(partial, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(partial, target)
+        except BaseException as err:
+            with contextlib.suppress(OSError):
+                partial.unlink()
+            if isinstance(err, OSError):
+                raise CheckpointWriteError(_write_failure(target, err)) from None
+            raise
         _fsync_directory(target.parent)
 
     def load_checkpoint(
@@ -76,6 +90,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             map_location=map_location or (lambda storage, loc: storage),
             weights_only=True if weights_only is None else weights_only,
         )
+
+
+def _write_failure(target: Path, err: OSError) -> str:
+    reason = err.strerror or str(err) or type(err).__name__
+    kept = (
+        f"the previous {target.name} there is intact"
+        if target.is_file()
+        else f"no earlier {target.name} exists there"
+    )
+    others = sorted(p.name for p in target.parent.glob("*.ckpt") if p != target)
+    if others:
+        kept += f" (other checkpoints: {', '.join(others[:4])})"
+    return f"could not write the checkpoint {target}: {reason}; {kept}. Free space or choose another --trainer.default_root_dir"
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -151,6 +178,23 @@ class LastCheckpoint(ModelCheckpoint):
         due = every and trainer.global_step % every == 0
         if due and not self._skip(trainer) and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if trainer.received_sigterm and trainer.world_size == 1:
+            # Alone, Lightning would train on to the end of the epoch before stopping, and a
+            # cluster kills a job a few seconds after its SIGTERM. (Under DDP the ranks agree on
+            # the signal before the next batch, and stop there.)
+            raise SIGTERMException
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:  # type: ignore[override]
+        """On SIGTERM (a cluster's notice that it is about to stop the job), ``last.ckpt`` is
+        written at the step training stopped at, on every rank together, and the run ends with
+        exit status 143 (``skipnets.cli`` prints where the checkpoint is)."""
+        if not isinstance(exception, SIGTERMException) or self._skip(trainer):
+            return
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        exception.code = PREEMPTED_EXIT_CODE
+        exception.checkpoint = self.last_model_path  # type: ignore[attr-defined]
+        exception.step = trainer.global_step  # type: ignore[attr-defined]
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:  # type: ignore[override]
         # Saved even when a step save hit the same global step: the epoch-end state (validation

@@ -44,12 +44,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args and args[0] in commands:
             return commands[args[0]](args[1:])
         return _lightning(args if explicit else None)
+    except SystemExit as stop:
+        return _stopped(stop)
     except Exception as err:
         cause = _user_error(err)
         if os.environ.get(DEBUG_ENV) or cause is None:
             raise
         print(f"skipnets: error: {cause}", file=sys.stderr)
-        return USER_ERROR
+        return getattr(cause, "exit_code", USER_ERROR)
+
+
+def _stopped(stop: SystemExit) -> int:
+    """A run stopped by SIGTERM ends with one line: where its last checkpoint is, and exit
+    status 143; any other ``SystemExit`` (``--help``, ``--print_config``) keeps its code."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    if not isinstance(stop, SIGTERMException):
+        raise stop
+    checkpoint = getattr(stop, "checkpoint", "")
+    where = (
+        f"last.ckpt at step {getattr(stop, 'step', '?')} is {checkpoint}: resume with "
+        "--ckpt_path last"
+        if checkpoint
+        else "no checkpoint was written (checkpointing is off)"
+    )
+    print(f"skipnets: stopped by SIGTERM; {where}", file=sys.stderr)
+    return stop.code if isinstance(stop.code, int) and stop.code else 143
 
 
 def _user_error(err: BaseException) -> BaseException | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -173,6 +174,20 @@ def run_metadata(pl_module: L.LightningModule) -> dict[str, Any]:
     return info
 
 
+def offline_folders(wandb_dir: Path, run_id: str) -> list[Path]:
+    """Every folder W&B wrote for offline run ``run_id`` under ``wandb_dir``, oldest first: one
+    per start of the run, named ``offline-run-<time>-<id>``, with ``-1``, ``-2`` ... added when
+    a resume starts within the same second as an earlier start."""
+    pattern = re.compile(rf"offline-run-\d{{8}}_\d{{6}}-{re.escape(run_id)}(-\d+)?")
+    found = [p for p in wandb_dir.glob("offline-run-*") if pattern.fullmatch(p.name)]
+    return sorted(found, key=lambda p: (p.name.split("-")[2], _suffix(p.name, run_id)))
+
+
+def _suffix(name: str, run_id: str) -> int:
+    tail = name.rpartition(run_id)[2]
+    return int(tail[1:]) if tail.startswith("-") else 0
+
+
 def wandb_run_info(trainer: L.Trainer) -> dict[str, Any] | None:
     """Where this run's W&B data is: id, project, mode, URL or local folders and the command
     that uploads them (every folder of a resumed offline run, oldest first). Rank zero only."""
@@ -189,7 +204,7 @@ def wandb_run_info(trainer: L.Trainer) -> dict[str, Any] | None:
             return info
         this = Path(experiment.dir).parent
         if mode == "offline":
-            folders = sorted(this.parent.glob(f"offline-run-*-{experiment.id}")) or [this]
+            folders = offline_folders(this.parent, experiment.id) or [this]
             info["folders"] = [str(folder) for folder in folders]
             info["sync"] = "wandb sync " + " ".join(info["folders"])
         else:

@@ -181,3 +181,48 @@ def wandb_config(run_file: str | os.PathLike) -> dict[str, Any]:
             for item in record.config.update:
                 config[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
     return config
+
+
+class TermAt(Callback):
+    """Send this process SIGTERM (a cluster's notice before it stops the job) as the batch of
+    optimizer step ``step`` starts; the run goes on until skipnets stops it."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class DiskFullAt(Callback):
+    """From the ``save``-th checkpoint on, writing fails half-way as on a full disk (``ENOSPC``)."""
+
+    def __init__(self, save: int) -> None:
+        import errno
+
+        import skipnets.checkpoints
+
+        real_save = skipnets.checkpoints.torch.save
+        calls = {"count": 0}
+        failing_from = save
+
+        def filling_save(obj, file, *args, **kwargs):
+            calls["count"] += 1
+            if calls["count"] < failing_from:
+                return real_save(obj, file, *args, **kwargs)
+            file.write(b"\0" * 4096)  # some bytes reach the side file first
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        skipnets.checkpoints.torch = _TorchWith(filling_save)
+
+
+class _TorchWith:
+    # torch with its ``save`` replaced, for the checkpoint module only.
+    def __init__(self, save) -> None:
+        import torch
+
+        self._torch, self.save = torch, save
+
+    def __getattr__(self, name: str):
+        return getattr(self._torch, name)

@@ -23,6 +23,7 @@ from skipnets.data import Digits, TwoSpirals
 from skipnets.data.base import ResumableLoader
 from skipnets.lightning_cli import SkipnetsCLI
 from skipnets.nn import skip_blocks
+from skipnets.runs import offline_folders
 
 if str(ROOT) not in sys.path:  # the runs name probe callbacks as tests.run_probes.*
     sys.path.insert(0, str(ROOT))
@@ -182,7 +183,7 @@ def test_slurm_requeue_resumes_from_the_hpc_checkpoint(tmp_path: Path) -> None:
     assert f"Restored all states from the checkpoint at {hpc}" in second.stdout + second.stderr
     (run_dir,) = (root / "skipnets").iterdir()  # one run directory: the W&B run continued
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 15
-    assert len(list((root / "wandb").glob(f"offline-run-*-{run_dir.name}"))) == 2
+    assert len(offline_folders(root / "wandb", run_dir.name)) == 2
 
 
 def test_cluster_config_selects_slurm_with_requeue(monkeypatch, tmp_path: Path) -> None:

@@ -114,7 +114,7 @@ def test_kill_while_saving_leaves_the_previous_checkpoint(tmp_path: Path, caplog
         assert marker.exists(), process.stderr.read()[-3000:] if process.poll() else "no save"
         checkpoints = tmp_path / "checkpoints"
         # The third save is under way: its bytes go to a side file, the old one is untouched.
-        assert (checkpoints / "last.ckpt.partial").exists()
+        assert list(checkpoints.glob("last.ckpt.*.partial"))
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
     finally:
@@ -282,3 +282,43 @@ def test_last_checkpoint_every_n_epochs(
     assert main(args) == 0
     assert len(steps) == saves
     assert _step(tmp_path / "checkpoints" / "last.ckpt") == steps[-1]
+
+
+def test_sigterm_saves_the_current_step_and_exits_143(tmp_path: Path) -> None:
+    """SLURM's notice before pre-emption: last.ckpt at the step training stopped at, one line
+    saying where it is, exit status 143; the resumed run ends where an uninterrupted one does."""
+    reference = _fit(tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    root = tmp_path / "stopped"
+    last = root / "checkpoints" / "last.ckpt"
+    stopped = _fit(
+        root, "--trainer.callbacks+=tests.run_probes.TermAt", "--trainer.callbacks.step=7"
+    )
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    message = stopped.stderr.strip().splitlines()[-1]
+    assert message == (
+        f"skipnets: stopped by SIGTERM; last.ckpt at step 8 is {last}: resume with --ckpt_path last"
+    )
+    assert _step(last) == 8  # not the step-6 save: no step lost
+    resumed = _fit(root, "--ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = _weights(tmp_path / "reference" / "checkpoints" / "last.ckpt")
+    for name, tensor in _weights(last).items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_a_full_disk_stops_the_run_with_one_line_and_leaves_no_partial_file(tmp_path: Path):
+    result = _fit(
+        tmp_path,
+        "--last_checkpoint_every_n_steps=1",
+        "--trainer.callbacks+=tests.run_probes.DiskFullAt",
+        "--trainer.callbacks.save=3",
+    )
+    assert result.returncode == 74, result.stderr[-3000:]
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"skipnets: error: could not write the checkpoint {last}: ")
+    assert "No space left on device; the previous last.ckpt there is intact" in message
+    assert "Traceback" not in result.stderr
+    assert not list(last.parent.glob("*.partial"))
+    assert _step(last) == 2  # the last save that succeeded

@@ -16,6 +16,7 @@ from run_probes import wandb_config, wandb_history
 
 from skipnets.cli import main
 from skipnets.lightning_cli import SkipnetsCLI
+from skipnets.runs import offline_folders
 
 if str(ROOT) not in sys.path:  # the runs name probe callbacks as tests.run_probes.*
     sys.path.insert(0, str(ROOT))
@@ -94,8 +95,11 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path: Path, capsys) -> Non
     report = capsys.readouterr().out
 
     (run_dir,) = (tmp_path / "skipnets").iterdir()  # same id, so the same run directory
-    folders = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_dir.name}"))
-    assert len(folders) == 2
+    # Two starts, two folders, whatever W&B named them (a resume in the same second as the first
+    # start gets "-1" appended); run.json lists both, oldest first.
+    every = list((tmp_path / "wandb").glob("offline-run-*"))
+    folders = offline_folders(tmp_path / "wandb", run_dir.name)
+    assert len(every) == 2 and sorted(every) == sorted(folders)
     record = json.loads((run_dir / "run.json").read_text())
     assert record["wandb"]["folders"] == [str(f) for f in folders]
     assert record["wandb"]["sync"] == "wandb sync " + " ".join(map(str, folders))
@@ -167,3 +171,16 @@ def test_depth_study_sweep_commands_are_valid_skipnets_runs(tmp_path: Path) -> N
         model = cli.model.hparams
         assert (model.arch, model.arch_kwargs["depth"]) == values
         assert sum(1 for _ in cli.model.model.blocks) == values[1] - 2
+
+
+def test_offline_folders_include_those_named_for_a_resume_in_the_same_second(tmp_path: Path):
+    names = [
+        "offline-run-20261127_101010-abc",
+        "offline-run-20261127_101010-abc-1",
+        "offline-run-20261127_091010-abc",
+        "offline-run-20261127_101010-abcd",  # another run
+        "offline-run-20261127_101011-xabc",  # another run
+    ]
+    for name in names:
+        (tmp_path / name).mkdir()
+    assert [p.name for p in offline_folders(tmp_path, "abc")] == [names[2], names[0], names[1]]
