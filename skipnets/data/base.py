@@ -8,8 +8,9 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, TensorDataset
 
 from skipnets.data.analysis import AnalysisSplit, check_split, dataset_split
 from skipnets.errors import ConfigError
@@ -53,12 +54,27 @@ class DataModule(L.LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             collate_fn=_fetched_batch if batched else None,
-            sampler=SeededShuffle(dataset, self.seed) if shuffle else None,
+            sampler=SeededShuffle(dataset, self.seed)
+            if shuffle
+            else self._evaluation_sampler(dataset),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             # A loader's own generator, so iterating it never draws from the global RNG.
             generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def _evaluation_sampler(self, dataset: Dataset) -> Sampler | None:
+        """Under DDP, each sample of an evaluation split to exactly one rank: Lightning's own
+        ``DistributedSampler`` pads the split to a multiple of the ranks, counting a few samples
+        twice, so metrics would differ from a single process's. Ranks may then run one batch
+        fewer than others, which evaluation allows (no collective runs per batch)."""
+        trainer = self.trainer
+        size = len(dataset)  # type: ignore[arg-type]
+        if trainer is None or trainer.world_size == 1 or size < trainer.world_size:
+            return None
+        return UnrepeatedDistributedSampler(
+            dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
         )
 
     def train_dataloader(self) -> DataLoader:
