@@ -29,6 +29,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from skipnets.errors import CheckpointWriteError, ConfigError
+from skipnets.runs import is_running
 
 __all__ = [
     "DEFAULT_LAST_EVERY_N_STEPS",
@@ -292,9 +293,25 @@ def _architecture(hparams: Any) -> str | None:
 
 def find_last_checkpoint(root: str | os.PathLike) -> Path | None:
     """The most recently written ``last*.ckpt`` or SLURM ``hpc_ckpt_*.ckpt`` under ``root``
-    (W&B's own folders are not searched), or ``None``."""
-    candidates = [path for path in _checkpoint_files(Path(root))]
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+    of a run that is not still running (W&B's own folders are not searched), or ``None``.
+    When every run that has one is still running, a :class:`ConfigError` says so."""
+    candidates = list(_checkpoint_files(Path(root)))
+    idle = [path for path in candidates if not _still_running(path)]
+    if candidates and not idle:
+        raise ConfigError(
+            f"--ckpt_path last: every run under {root} with a last checkpoint is still running "
+            f"({', '.join(str(p.parent.parent) for p in candidates[:3])}); wait for it, or pass "
+            "a checkpoint's path"
+        )
+    return max(idle, key=lambda p: p.stat().st_mtime) if idle else None
+
+
+def _still_running(checkpoint: Path) -> bool:
+    # last.ckpt lives in <run dir>/checkpoints/; an hpc checkpoint at the root is SLURM's own
+    # requeued job, which Lightning resumes in the same directory.
+    if checkpoint.parent.name != "checkpoints":
+        return False
+    return is_running(checkpoint.parent.parent)
 
 
 def _checkpoint_files(root: Path) -> Iterator[Path]:

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from skipnets.runs import RunLock, run_dir
+
 __all__ = ["RunState"]
 
 
@@ -25,6 +27,9 @@ class RunState(Callback):
       every rank, which is exact when ranks share a seed (``seed_everything``) and a batch shape.
     - The W&B run id and project, which the CLI passes back to W&B on resume.
 
+    While ``fit`` runs, rank zero holds the run directory's lock (:class:`skipnets.runs.RunLock`):
+    no second process trains into it, and ``--ckpt_path last`` passes it over.
+
     On resume it also tells a :class:`skipnets.data.base.ResumableLoader` how many batches of the
     interrupted epoch the trainer counts as done, which differs from the batches the loader had
     handed out when the checkpoint was written in the middle of a step (SLURM's signal).
@@ -32,10 +37,25 @@ class RunState(Callback):
 
     def __init__(self) -> None:
         self._trainer: L.Trainer | None = None
+        self._lock: RunLock | None = None
         self._pending: dict[str, Any] | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._trainer = trainer
+        if stage == "fit" and trainer.is_global_zero:
+            self._lock = RunLock(run_dir(trainer))
+            self._lock.acquire()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._release()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def state_dict(self) -> dict[str, Any]:
         trainer = self._trainer

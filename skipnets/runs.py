@@ -7,6 +7,7 @@ the files in the run directory are the record.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -15,6 +16,11 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
@@ -49,6 +55,71 @@ def plugin_dir(trainer: L.Trainer, plugin: str) -> Path:
         path = path / Path(trainer.ckpt_path).stem
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+#: The file a training run holds locked in its run directory while it runs.
+LOCK_FILE = ".running"
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held while a ``fit`` trains into it.
+
+    A second process that would train into the same directory (two resumes of one run started
+    together, or two runs with the same ``default_root_dir`` and no logger) is refused with one
+    line instead of overwriting the first one's checkpoints, config and ``run.json``; and
+    ``--ckpt_path last`` passes over runs that are still running. The lock is the operating
+    system's (``flock``): it goes when the process ends, however it ends. Where there is no
+    ``flock`` (Windows), runs are not locked.
+    """
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.path = Path(directory) / LOCK_FILE
+        self._file: Any = None
+
+    def acquire(self) -> None:
+        from skipnets.errors import ConfigError
+
+        if fcntl is None or self._file is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")  # noqa: SIM115 - held open while the run lasts
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise ConfigError(
+                f"the run directory {self.path.parent} is in use by {holder}, which is still "
+                "training into it; wait for it to finish, or start a new run (another "
+                "--trainer.default_root_dir, or no --ckpt_path)"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()}\n")
+        handle.flush()
+        self._file = handle
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the file releases the lock
+            self._file = None
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+
+
+def is_running(directory: str | os.PathLike) -> bool:
+    """Whether a process holds the run lock of ``directory``."""
+    path = Path(directory) / LOCK_FILE
+    if fcntl is None or not path.is_file():
+        return False
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
 
 
 def wandb_has_credentials() -> bool:

@@ -226,3 +226,18 @@ class _TorchWith:
 
     def __getattr__(self, name: str):
         return getattr(self._torch, name)
+
+
+class SlowSteps(Callback):
+    """Each training step takes ``seconds`` longer, and ``marker`` is written at the first one:
+    a run that is still running when another process starts."""
+
+    def __init__(self, seconds: float, marker: str) -> None:
+        self.seconds, self.marker = seconds, marker
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import time
+        from pathlib import Path
+
+        Path(self.marker).touch()
+        time.sleep(self.seconds)

@@ -322,3 +322,46 @@ def test_a_full_disk_stops_the_run_with_one_line_and_leaves_no_partial_file(tmp_
     assert "Traceback" not in result.stderr
     assert not list(last.parent.glob("*.partial"))
     assert _step(last) == 2  # the last save that succeeded
+
+
+def test_a_running_run_is_never_resumed_or_overwritten(tmp_path: Path) -> None:
+    """While one run trains into a directory, a second run there is refused with one line, and
+    ``--ckpt_path last`` passes the running run over."""
+    first_root, marker = tmp_path / "busy", tmp_path / "started"
+    command = [
+        sys.executable,
+        "-m",
+        "skipnets",
+        *RUN,
+        f"--trainer.default_root_dir={first_root}",
+        "--trainer.callbacks+=tests.run_probes.SlowSteps",
+        "--trainer.callbacks.seconds=3",
+        f"--trainer.callbacks.marker={marker}",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), first.stderr.read()[-3000:]
+        config = (first_root / "config.yaml").read_bytes()
+
+        # Another run into the same directory (no logger: the directory is the root).
+        second = _fit(first_root)
+        assert second.returncode == 2
+        assert f"the run directory {first_root} is in use by process {first.pid}" in second.stderr
+        assert (first_root / "config.yaml").read_bytes() == config
+
+        # --ckpt_path last in the same root: the running run is passed over, and there is no other.
+        third = _fit(first_root, "--ckpt_path=last")
+        assert third.returncode == 2
+        assert "every run under" in third.stderr and "is still running" in third.stderr
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+        first.stderr.close()
+    # Once it has stopped, it can be resumed.
+    assert _fit(first_root, "--ckpt_path=last").returncode == 0

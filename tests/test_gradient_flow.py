@@ -28,11 +28,13 @@ def loaders():
     return DataLoader(TensorDataset(x, y), batch_size=8), (x[:8], y[:8])
 
 
-def fit(tmp_path: Path, callback: GradientFlow, logger=False) -> Classifier:
+def fit(
+    tmp_path: Path, callback: GradientFlow, logger=False, arch_kwargs: dict | None = None
+) -> Classifier:
     torch.manual_seed(0)
     module = Classifier(
         "plain_mlp",
-        {"depth": 6, "width": 10},
+        arch_kwargs or {"depth": 6, "width": 10},
         num_classes=3,
         input_shape=(12,),
         optimizer=FROZEN,
@@ -87,6 +89,29 @@ def test_block_norms_match_a_direct_backward(tmp_path):
         math.sqrt(weight.weight.pow(2).sum().item() + weight.bias.pow(2).sum().item()), rel=1e-5
     )
     assert int(step0[0]["numel"]) == 12 * 10 + 10
+
+
+def test_gradients_too_small_to_square_in_float32_are_not_reported_as_zero(tmp_path):
+    # 50 sigmoid layers: the first layers' gradients are about 1e-31, whose float32 squares
+    # underflow to zero (float32's smallest positive number is about 1e-45).
+    module = fit(
+        tmp_path,
+        GradientFlow(every_n_steps=100, granularity="layer"),
+        arch_kwargs={"depth": 50, "width": 10, "activation": "sigmoid"},
+    )
+    rows = read_rows(tmp_path / "gradient_flow" / "gradient_flow.csv")
+    assert (tmp_path / "gradient_flow" / "gradient_flow.png").stat().st_size > 10_000
+    _, (x, y) = loaders()
+    module.zero_grad()
+    F.cross_entropy(module.model(x), y).backward()  # lr = 0: the weights of step 0
+    layers = dict(module.model.named_modules())
+    first = layers["stem.0"]
+    assert first.weight.grad.pow(2).sum() == 0  # what squaring in float32 reports
+    for row in rows:
+        grads = [p.grad.double() for p in layers[row["name"]].parameters()]
+        expected = math.sqrt(sum(g.pow(2).sum().item() for g in grads))
+        assert float(row["grad_norm"]) == pytest.approx(expected, rel=1e-6, abs=0)
+    assert 0 < float(rows[0]["grad_norm"]) < 1e-25
 
 
 def test_layer_granularity_names_every_parameterised_module(tmp_path):
