@@ -186,6 +186,13 @@ def _add_safety_arguments(parser: LightningArgumentParser) -> None:
         help="write last.ckpt at the end of every N-th epoch (0: only when training ends)",
     )
     parser.add_argument(
+        "--allow_resume_changes",
+        type=bool,
+        default=False,
+        help="resume a checkpoint with another batch size, data, optimizer, schedule or world "
+        "size (refused by default: the saved state would mean something else)",
+    )
+    parser.add_argument(
         "--stop_on_nonfinite_loss",
         type=bool,
         default=True,
@@ -197,7 +204,7 @@ def _core_callbacks(config: Any) -> list[Any]:
     """The callbacks every run gets, on top of the config's own: the best checkpoint by
     validation accuracy, a fresh last.ckpt, the resume state, the non-finite loss stop, and a
     progress bar that redraws on time (unless the config names its own)."""
-    callbacks: list[Any] = [RunState()]
+    callbacks: list[Any] = [RunState(allow_changes=bool(config.get("allow_resume_changes")))]
     if config.trainer.get("enable_checkpointing") is not False:
         every = config.get("last_checkpoint_every_n_steps", DEFAULT_LAST_EVERY_N_STEPS)
         epochs = config.get("last_checkpoint_every_n_epochs", 1)

@@ -11,7 +11,9 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 
+from skipnets.errors import ConfigError
 from skipnets.runs import RunLock, run_dir
 
 __all__ = ["RunState"]
@@ -35,7 +37,8 @@ class RunState(Callback):
     handed out when the checkpoint was written in the middle of a step (SLURM's signal).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, allow_changes: bool = False) -> None:
+        self.allow_changes = allow_changes
         self._trainer: L.Trainer | None = None
         self._lock: RunLock | None = None
         self._pending: dict[str, Any] | None = None
@@ -63,10 +66,39 @@ class RunState(Callback):
             "rng": _rng_state(),
             "world_size": trainer.world_size if trainer is not None else 1,
             "wandb": _wandb_identity(trainer) if trainer is not None else None,
+            "settings": _settings(trainer) if trainer is not None else {},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = dict(state_dict)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # What the checkpoint's state means (the position in the epoch, the optimizer's moments,
+        # the schedule's step) depends on these settings: a resume that changes them says so.
+        pending = self._pending or {}
+        saved = dict(pending.get("settings") or {})
+        if "world_size" in pending:
+            saved["world size"] = pending["world_size"]
+        now = {**_settings(trainer), "world size": trainer.world_size}
+        changed = [
+            f"{key}: {_shown(saved[key])} -> {_shown(now[key])}"
+            for key in now
+            if key in saved and saved[key] != now[key]
+        ]
+        if not changed:
+            return
+        if not self.allow_changes:
+            raise ConfigError(
+                f"the checkpoint was trained with other settings ({'; '.join(changed)}), so its "
+                "position in the epoch, optimizer state or schedule would mean something else. "
+                "Resume with the run's own config.yaml, or pass --allow_resume_changes=true to "
+                "go on with the new settings"
+            )
+        rank_zero_warn(
+            f"resuming with changed settings ({'; '.join(changed)}): the epoch in progress "
+            "continues from the same number of batches, the optimizer and schedule from their "
+            "saved state under the new settings"
+        )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Restored here, after the sanity check and loader set-up, right where the interrupted
@@ -75,6 +107,39 @@ class RunState(Callback):
         if pending and pending.get("rng") and pending.get("world_size") == trainer.world_size:
             _set_rng_state(pending["rng"])
         _count_batches_as_the_trainer_does(trainer)
+
+
+def _settings(trainer: L.Trainer) -> dict[str, Any]:
+    """The settings that give a checkpoint's training state its meaning."""
+    datamodule = trainer.datamodule
+    hparams = getattr(trainer.lightning_module, "hparams", {}) if trainer.lightning_module else {}
+    settings: dict[str, Any] = {}
+    if datamodule is not None:
+        settings["data"] = type(datamodule).__name__
+        settings["batch size"] = getattr(datamodule, "batch_size", None)
+    if hasattr(hparams, "get"):
+        for key in ("optimizer", "lr_scheduler"):
+            settings[key] = _plain(hparams.get(key))
+    return settings
+
+
+def _shown(value: Any) -> str:
+    # An optimizer or schedule as its class and arguments: SGD(lr=0.1, momentum=0.9).
+    if isinstance(value, dict) and "class_path" in value:
+        args = ", ".join(f"{k}={v}" for k, v in (value.get("init_args") or {}).items())
+        return f"{str(value['class_path']).rpartition('.')[2]}({args})"
+    return "the default" if value is None else str(value)
+
+
+def _plain(value: Any) -> Any:
+    # Namespaces and dicts from a config, as plain values that compare and print simply.
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _count_batches_as_the_trainer_does(trainer: L.Trainer) -> None:

@@ -365,3 +365,21 @@ def test_a_running_run_is_never_resumed_or_overwritten(tmp_path: Path) -> None:
         first.stderr.close()
     # Once it has stopped, it can be resumed.
     assert _fit(first_root, "--ckpt_path=last").returncode == 0
+
+
+def test_resuming_with_changed_settings_is_refused_or_allowed_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    base = [*RUN, f"--trainer.default_root_dir={tmp_path}"]
+    assert main([*base, "--trainer.max_epochs=1"]) == 0
+    changed = [*base, "--ckpt_path=last", "--data.init_args.batch_size=20"]
+    changed += ["--optimizer.class_path=torch.optim.SGD", "--optimizer.init_args.lr=0.05"]
+    capsys.readouterr()
+    assert main(changed) == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "the checkpoint was trained with other settings (" in message
+    assert "batch size: 40 -> 20" in message
+    assert "optimizer: the default -> SGD(lr=0.05" in message
+    assert "--allow_resume_changes=true" in message
+    assert main([*changed, "--allow_resume_changes=true"]) == 0
+    assert _step(tmp_path / "checkpoints" / "last.ckpt") > 5
