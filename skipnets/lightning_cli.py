@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
@@ -26,7 +28,7 @@ from skipnets.checkpoints import (
 from skipnets.data import DataModule
 from skipnets.divergence import NonFiniteLossStop
 from skipnets.ema import EMA  # noqa: F401 - so `class_path: EMA` resolves
-from skipnets.errors import ConfigError
+from skipnets.errors import ConfigError, SkipnetsError
 from skipnets.module import Classifier
 from skipnets.plugins import check_config_names, discover_plugins
 from skipnets.progress import TimedProgressBar
@@ -107,6 +109,8 @@ class SkipnetsCLI(LightningCLI):
         config = self.config.get(str(self.subcommand), self.config)
         trainer = config.trainer
         root = trainer.get("default_root_dir") or os.getcwd()
+        if self.subcommand in ("fit", "validate", "test", "predict"):
+            _check_writable(Path(root))
         loggers = trainer.get("logger")
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             if getattr(logger, "class_path", None) != WANDB_LOGGER:
@@ -142,8 +146,10 @@ class SkipnetsCLI(LightningCLI):
             _check_checkpoint_fits(self.config[subcommand], self.model)
         try:
             super()._run_subcommand(subcommand)
-        except BaseException:
+        except BaseException as err:
             _finish_wandb(exit_code=1)
+            if _out_of_memory(err):
+                raise OutOfMemory(_memory_advice(self.datamodule, err)) from None
             raise
         _finish_wandb(exit_code=0)
 
@@ -158,6 +164,50 @@ class SkipnetsCLI(LightningCLI):
             best = getattr(checkpoint, "best_model_path", "") if checkpoint else ""
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
         _report(self.trainer)
+
+
+class OutOfMemory(SkipnetsError):
+    """A batch did not fit in the device's (or the machine's) memory."""
+
+    exit_code = 3
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text.lower()
+    )
+
+
+def _memory_advice(datamodule: Any, err: BaseException) -> str:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    size = getattr(datamodule, "batch_size", None)
+    if isinstance(size, int) and size > 1:
+        smaller = max(1, size // 2)
+        return (
+            f"out of memory with batch_size={size} ({first}). Try "
+            f"--data.init_args.batch_size={smaller}, and --trainer.accumulate_grad_batches=2 "
+            f"to keep the effective batch of {size}; or a smaller model, or "
+            "--trainer.precision=bf16-mixed"
+        )
+    return f"out of memory ({first}). Try a smaller model or --trainer.precision=bf16-mixed"
+
+
+def _check_writable(root: Path) -> None:
+    """Everything a run writes goes under its root: one that cannot be written to is refused
+    before anything starts (W&B would otherwise fall back to the system's temporary folder)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise ConfigError(
+            f"cannot write to the run's root {root} ({reason}): choose another "
+            "--trainer.default_root_dir"
+        ) from None
 
 
 def _as_dict(config: Any) -> dict[str, Any] | None:

@@ -241,3 +241,14 @@ class SlowSteps(Callback):
 
         Path(self.marker).touch()
         time.sleep(self.seconds)
+
+
+class OutOfMemoryAt(Callback):
+    """The batch of optimizer step ``step`` does not fit in the GPU's memory."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

@@ -383,3 +383,25 @@ def test_resuming_with_changed_settings_is_refused_or_allowed_with_a_warning(
     assert "--allow_resume_changes=true" in message
     assert main([*changed, "--allow_resume_changes=true"]) == 0
     assert _step(tmp_path / "checkpoints" / "last.ckpt") > 5
+
+
+def test_out_of_memory_and_an_unwritable_root_end_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    base = [*RUN, f"--trainer.default_root_dir={tmp_path / 'run'}"]
+    status = main(
+        [*base, "--trainer.callbacks+=tests.run_probes.OutOfMemoryAt", "--trainer.callbacks.step=2"]
+    )
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert status == 3
+    assert message.startswith("skipnets: error: out of memory with batch_size=40 (CUDA out of")
+    assert "--data.init_args.batch_size=20, and --trainer.accumulate_grad_batches=2" in message
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    assert main([*RUN, f"--trainer.default_root_dir={blocked / 'run'}"]) == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message == (
+        f"skipnets: error: cannot write to the run's root {blocked / 'run'} (Not a directory): "
+        "choose another --trainer.default_root_dir"
+    )
