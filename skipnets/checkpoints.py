@@ -37,6 +37,7 @@ __all__ = [
     "AtomicCheckpointIO",
     "LastCheckpoint",
     "check_checkpoint",
+    "find_best_checkpoint",
     "find_last_checkpoint",
     "install_atomic_checkpoints",
     "read_checkpoint",
@@ -304,6 +305,22 @@ def find_last_checkpoint(root: str | os.PathLike) -> Path | None:
             "a checkpoint's path"
         )
     return max(idle, key=lambda p: p.stat().st_mtime) if idle else None
+
+
+def find_best_checkpoint(root: str | os.PathLike) -> Path:
+    """The best checkpoint (by validation accuracy, the one a run keeps beside ``last.ckpt``)
+    of the most recent run under ``root``, or a :class:`ConfigError` when there is none."""
+    best = [
+        path
+        for path in Path(root).rglob("checkpoints/*.ckpt")
+        if not path.name.startswith(("last", "hpc_ckpt_")) and "wandb" not in path.parts
+    ]
+    if not best:
+        raise ConfigError(
+            f"--ckpt_path best: no best checkpoint under {root} (a run keeps one in "
+            "<run dir>/checkpoints/ when it validates); pass a checkpoint's path"
+        )
+    return max(best, key=lambda p: p.stat().st_mtime)
 
 
 def _still_running(checkpoint: Path) -> bool:

@@ -21,6 +21,7 @@ from skipnets.checkpoints import (
     DEFAULT_LAST_EVERY_N_STEPS,
     LastCheckpoint,
     check_checkpoint,
+    find_best_checkpoint,
     find_last_checkpoint,
     install_atomic_checkpoints,
     read_checkpoint,
@@ -76,9 +77,14 @@ class SkipnetsCLI(LightningCLI):
             auto_configure_optimizers=False,
             # Parse errors are raised, not printed with a page of usage: skipnets.cli prints one
             # message and exits with status 2.
+            # No abbreviations: `--trainer.max_epoc=1` is a typo, not max_epochs.
             parser_kwargs={
                 "exit_on_error": False,
-                **{name: {"exit_on_error": False} for name in self.subcommands()},
+                "allow_abbrev": False,
+                **{
+                    name: {"exit_on_error": False, "allow_abbrev": False}
+                    for name in self.subcommands()
+                },
             },
             args=args,
             **kwargs,
@@ -295,6 +301,9 @@ def _prepare_resume(config: Any, subcommand: str | None) -> None:
         found = find_last_checkpoint(root)
         if found is not None:
             config.ckpt_path = ckpt_path = str(found)
+    elif ckpt_path == "best" and subcommand != "fit":
+        # Lightning knows "best" only within the fit that made it; a later command finds it.
+        config.ckpt_path = ckpt_path = str(find_best_checkpoint(root))
     elif ckpt_path is None and subcommand == "fit" and SLURMEnvironment.detect():
         # A requeued SLURM job: Lightning resumes from the newest hpc_ckpt_N.ckpt by itself.
         found = max(root.glob("hpc_ckpt_*.ckpt"), key=lambda p: p.stat().st_mtime, default=None)

@@ -103,7 +103,14 @@ def _describe(ep: metadata.EntryPoint, load: bool) -> Plugin:
     except Exception as err:  # a broken third-party package must not break the CLI
         return Plugin(ep.name, ep.value, name, version, error=f"{type(err).__name__}: {err}")
     if not (isinstance(loaded, type) and issubclass(loaded, Callback)):
-        error = f"{ep.value} is not a lightning Callback subclass"
+        error = f"{ep.value} is not a lightning.pytorch.Callback subclass"
+        bases = [f"{b.__module__}.{b.__qualname__}" for b in getattr(loaded, "__mro__", ())]
+        if any(b.startswith("pytorch_lightning.") for b in bases):
+            error = (
+                f"{ep.value} subclasses pytorch_lightning's Callback, from the standalone "
+                "pytorch_lightning package; skipnets runs on the unified lightning package: "
+                "write `from lightning.pytorch import Callback` instead"
+            )
         return Plugin(ep.name, ep.value, name, version, error=error)
     return Plugin(ep.name, ep.value, name, version, cls=loaded)
 
@@ -151,19 +158,44 @@ def load_plugin(name: str) -> type:
 def check_config_names(args: Sequence[str] | None) -> None:
     """Raise ``ConfigError`` when the command line or a config file it names uses a plugin
     that failed to load, with that plugin's import error (instead of a parse error that only
-    says the class is unknown)."""
+    says the class is unknown), or a class name close to a plugin's ("did you mean")."""
     if not isinstance(args, Sequence) or _discovered is None:
         return
-    broken = [p for p in _discovered if p.error]
-    if not broken:
-        return
     named = set(_named_classes(args))
+    broken = [p for p in _discovered if p.error]
     for plugin in broken:
         spelled = {plugin.class_name, plugin.class_path, plugin.target} & named
         if spelled:
             raise ConfigError(
                 f"the config uses {sorted(spelled)[0]}, but plugin {plugin.name!r} "
                 f"({plugin.target}, from {plugin.source}) failed to load: {plugin.error}"
+            )
+    _check_spelling(named, [p.class_name for p in _discovered])
+
+
+def _check_spelling(named: set[str], plugin_names: list[str]) -> None:
+    """A short class name that names nothing but is close to a plugin's or to one of
+    Lightning's callbacks gets a "did you mean", as an unknown architecture does."""
+    import difflib
+
+    import lightning.pytorch.callbacks as lightning_callbacks
+
+    from skipnets import data
+
+    known = (
+        set(plugin_names)
+        | {name for name in dir(lightning_callbacks) if name[:1].isupper()}
+        | {"EMA", "Classifier", "Segmenter"}
+        | set(data.__all__)
+    )
+    for name in sorted(named):
+        if "." in name or name in known:
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.75)
+        if close:
+            raise ConfigError(
+                f"unknown callback or class {name!r}; did you mean {' or '.join(map(repr, close))}? "
+                "(`skipnets plugins` lists the installed plugins)"
             )
 
 

@@ -114,3 +114,14 @@ def test_debug_variable_shows_the_traceback(skipnets_cli):
     )
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "UnknownModelError" in result.stderr
+
+
+def test_abbreviated_options_and_a_missing_best_checkpoint_are_refused(tmp_path, capsys) -> None:
+    base = ["--model.arch=plain_mlp", "--data=TwoSpirals", "--trainer.logger=false"]
+    base += [f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
+    assert main(["fit", *base, "--trainer.max_epoc=1"]) == 2  # a typo, not max_epochs
+    assert "unrecognized arguments: --trainer.max_epoc=1" in capsys.readouterr().err
+    assert main(["validate", *base, "--ckpt_path=best"]) == 2
+    assert "--ckpt_path best: no best checkpoint under" in capsys.readouterr().err
+    assert main(["fit", *base, "--trainer.max_epochs=1", "--test_after_fit=false"]) == 0
+    assert main(["validate", *base, "--ckpt_path=best"]) == 0  # the run's best, found

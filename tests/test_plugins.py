@@ -86,7 +86,7 @@ def test_discovery(extra_plugins: Path) -> None:
     assert probe.summary == "Probes nothing; proves that discovery found it."
     assert found["Broken"].cls is None
     assert found["Broken"].error.startswith("ModuleNotFoundError")
-    assert found["NotACallback"].error == "json:dumps is not a lightning Callback subclass"
+    assert found["NotACallback"].error == "json:dumps is not a lightning.pytorch.Callback subclass"
 
 
 def test_plugins_command(extra_plugins: Path, capsys: pytest.CaptureFixture) -> None:
@@ -180,3 +180,15 @@ def test_load_plugin_errors(extra_plugins: Path) -> None:
         plugins.load_plugin("Nope")
     with pytest.raises(ConfigError, match=r"plugin 'Broken' .* failed to load"):
         plugins.load_plugin("Broken")
+
+
+def test_a_misspelled_plugin_gets_did_you_mean(capsys: pytest.CaptureFixture) -> None:
+    from skipnets.cli import main
+
+    args = ["fit", "--model.arch=plain_mlp", "--data=TwoSpirals", "--trainer.logger=false"]
+    assert main([*args, "--trainer.callbacks+=NormRatoi"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (
+        "skipnets: error: unknown callback or class 'NormRatoi'; did you mean 'NormRatio'? "
+        "(`skipnets plugins` lists the installed plugins)"
+    )
