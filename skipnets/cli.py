@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as stop:
         return _stopped(stop)
     except Exception as err:
-        cause = _user_error(err)
+        cause = _user_error(err) or _constructor_failure(err)
         if os.environ.get(DEBUG_ENV) or cause is None:
             raise
         print(f"skipnets: error: {cause}", file=sys.stderr)
@@ -70,6 +70,44 @@ def _stopped(stop: SystemExit) -> int:
     )
     print(f"skipnets: stopped by SIGTERM; {where}", file=sys.stderr)
     return stop.code if isinstance(stop.code, int) and stop.code else 143
+
+
+_LIBRARIES = ("jsonargparse", "lightning", "torch", "argparse", "typing", "importlib")
+
+
+def _constructor_failure(err: BaseException) -> str | None:
+    """A class named in the config (a plugin, a data module) that failed in its own
+    ``__init__`` with an error of its own: jsonargparse reports it as a page of union
+    errors with the cause buried in the middle; this finds it, as one line."""
+    if not _raised_through(err, "jsonargparse"):  # not while the config was being built
+        return None
+    chain: list[BaseException] = []
+    current: BaseException | None = err
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    for exception in reversed(chain):  # the first raised first
+        frames = []
+        traceback = exception.__traceback__
+        while traceback is not None:
+            frames.append(traceback.tb_frame)
+            traceback = traceback.tb_next
+        for frame in reversed(frames):  # innermost first
+            owner = frame.f_locals.get("self") if frame.f_code.co_name == "__init__" else None
+            module = type(owner).__module__ if owner is not None else ""
+            if owner is not None and not module.startswith(_LIBRARIES):
+                name = f"{module}.{type(owner).__qualname__}"
+                return f"could not create {name}: {type(exception).__name__}: {exception}"
+    return None
+
+
+def _raised_through(err: BaseException, package: str) -> bool:
+    traceback = err.__traceback__
+    while traceback is not None:
+        if f"/{package}/" in traceback.tb_frame.f_code.co_filename:
+            return True
+        traceback = traceback.tb_next
+    return False
 
 
 def _user_error(err: BaseException) -> BaseException | None:

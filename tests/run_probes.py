@@ -252,3 +252,10 @@ class OutOfMemoryAt(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+class FailsToStart(Callback):
+    """A plugin whose constructor fails with an error of its own (not a ConfigError)."""
+
+    def __init__(self, level: int = 1) -> None:
+        raise RuntimeError(f"this callback needs a newer driver (level {level})")

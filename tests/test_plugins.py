@@ -192,3 +192,19 @@ def test_a_misspelled_plugin_gets_did_you_mean(capsys: pytest.CaptureFixture) ->
         "skipnets: error: unknown callback or class 'NormRatoi'; did you mean 'NormRatio'? "
         "(`skipnets plugins` lists the installed plugins)"
     )
+
+
+def test_a_plugin_that_fails_in_its_constructor_gets_one_line(skipnets_cli) -> None:
+    result = skipnets_cli(
+        "fit",
+        "--model.arch=plain_mlp",
+        "--data=TwoSpirals",
+        "--trainer.logger=false",
+        "--trainer.callbacks+=tests.run_probes.FailsToStart",
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "skipnets: error: could not create tests.run_probes.FailsToStart: RuntimeError: "
+        "this callback needs a newer driver (level 1)"
+    )
+    assert "Traceback" not in result.stderr
