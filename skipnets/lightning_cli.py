@@ -33,6 +33,7 @@ from skipnets.errors import ConfigError, SkipnetsError
 from skipnets.module import Classifier
 from skipnets.plugins import check_config_names, discover_plugins
 from skipnets.progress import TimedProgressBar
+from skipnets.quiet import VERBOSE_ENV, quiet_frameworks
 from skipnets.resume import RunState
 from skipnets.runs import run_dir, wandb_has_credentials, wandb_run_info, write_run_record
 from skipnets.segmentation import Segmenter  # noqa: F401 - so `class_path: Segmenter` resolves
@@ -64,6 +65,11 @@ class SaveRunConfig(SaveConfigCallback):
 class SkipnetsCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
         keep_freed_memory()
+        quiet_frameworks()
+        if not os.environ.get(VERBOSE_ENV):
+            # W&B's history and summary footer would come after skipnets' own summary, which
+            # says where the run is and how to upload it.
+            os.environ.setdefault("WANDB_QUIET", "true")
         # Plugins are imported before parsing, so that a config can name them by class name.
         discover_plugins()
         check_config_names(sys.argv[1:] if args is None else args)
@@ -386,9 +392,16 @@ def _report(trainer: Trainer) -> None:
         lines.append(f"  checkpoints: {checkpoint.dirpath}")
         if checkpoint.best_model_path:
             lines.append(f"    best: {Path(checkpoint.best_model_path).name}")
-        last = [c.last_model_path for c in trainer.checkpoint_callbacks if c.last_model_path]
+        # From the folder, not last_model_path: the test after fit restores the callbacks'
+        # state of the best checkpoint, which may predate the first last.ckpt.
+        last = [
+            Path(c.dirpath) / f"{c.CHECKPOINT_NAME_LAST}{c.FILE_EXTENSION}"
+            for c in trainer.checkpoint_callbacks
+            if isinstance(c, LastCheckpoint) and c.dirpath
+        ]
+        last = [path for path in last if path.is_file()]
         if last:
-            lines.append(f"    last: {Path(last[0]).name} (resume with --ckpt_path last)")
+            lines.append(f"    last: {last[0].name} (resume with --ckpt_path last)")
     if (directory / "config.yaml").exists():
         lines.append(f"  config: {directory / 'config.yaml'}")
     wandb_info = wandb_run_info(trainer)

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from conftest import run_skipnets
 
 from skipnets.cli import main
 
@@ -125,3 +126,17 @@ def test_abbreviated_options_and_a_missing_best_checkpoint_are_refused(tmp_path,
     assert "--ckpt_path best: no best checkpoint under" in capsys.readouterr().err
     assert main(["fit", *base, "--trainer.max_epochs=1", "--test_after_fit=false"]) == 0
     assert main(["validate", *base, "--ckpt_path=best"]) == 0  # the run's best, found
+
+
+def test_the_terminal_is_quiet_and_the_summary_comes_last(tmp_path) -> None:
+    args = ["fit", "--model.arch=plain_mlp", "--data=TwoSpirals", "--trainer.max_epochs=1"]
+    args += [f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
+    quiet = run_skipnets(*args, env={"WANDB_SILENT": "false"})
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    output = quiet.stdout + quiet.stderr
+    for noise in ("GPU available", "TPU available", "litlogger", "Run history", "Run summary"):
+        assert noise not in output
+    assert "    last: last.ckpt (resume with --ckpt_path last)" in quiet.stdout  # best is epoch 0
+    assert quiet.stdout.rstrip().splitlines()[-1].lstrip().startswith("upload it with: wandb sync")
+    loud = run_skipnets(*args, "--trainer.logger=false", env={"SKIPNETS_VERBOSE": "1"})
+    assert "GPU available: False, used: False" in loud.stdout + loud.stderr
