@@ -143,18 +143,11 @@ def _plain(value: Any) -> Any:
 
 
 def _count_batches_as_the_trainer_does(trainer: L.Trainer) -> None:
-    """Tell resuming train loaders how many batches of the epoch the trainer counts as done,
-    read when the epoch continues (after the loop has settled a step cut short by a signal)."""
-    from skipnets.data.base import ResumableLoader
-
-    loaders = trainer.train_dataloader
-    if isinstance(loaders, dict):
-        loaders = list(loaders.values())
-    elif not isinstance(loaders, (list, tuple)):
-        loaders = [loaders]
-    for loader in loaders:
-        if isinstance(loader, ResumableLoader) and loader.resuming:
-            loader.consumed = lambda: trainer.fit_loop.epoch_loop.batch_progress.current.ready
+    """Tell the data module of a resumed run how many batches of the epoch the trainer counts
+    as done (``DataModule.continue_epoch``); read when the epoch continues."""
+    continue_epoch = getattr(trainer.datamodule, "continue_epoch", None)
+    if callable(continue_epoch):
+        continue_epoch(lambda: trainer.fit_loop.epoch_loop.batch_progress.current.ready)
 
 
 def _rng_state() -> dict[str, Any]:

@@ -78,7 +78,19 @@ class DataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        self._train_loader = self._loader(self.train_set, shuffle=True)
+        return self._train_loader
+
+    def continue_epoch(self, trained_batches: Callable[[], int]) -> None:
+        """For a run resumed in the middle of an epoch: ``trained_batches()`` is how many
+        batches of that epoch the trainer counts as trained. It is asked when the epoch goes on
+        (after the trainer has settled a step that a signal cut short), and that many batches
+        are skipped; without it, the train loader goes by its own count from the checkpoint,
+        which includes a batch fetched but not trained when the checkpoint was written in the
+        middle of a step."""
+        loader = getattr(self, "_train_loader", None)
+        if isinstance(loader, ResumableLoader) and loader.resuming:
+            loader.consumed = trained_batches
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
@@ -184,8 +196,9 @@ class ResumableLoader(DataLoader):
     epoch-boundary resume; in the rest of an epoch resumed midway they differ (workers restart).
 
     A checkpoint written in the middle of a step (SLURM's pre-emption signal) counts a batch
-    that was fetched but not trained on; ``consumed``, when set (``skipnets.resume.RunState``
-    sets it), gives the number of batches the trainer itself counts as done, and wins.
+    that was fetched but not trained on; ``consumed``, when set (through
+    :meth:`DataModule.continue_epoch`, which ``skipnets.resume.RunState`` calls), gives the
+    number of batches the trainer itself counts as done, and wins.
     """
 
     def __init__(self, dataset: Dataset, **kwargs: Any) -> None:
