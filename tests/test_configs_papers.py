@@ -23,7 +23,7 @@ CIFAR = [
 # (config, model, paper's schedule as (milestones, gamma), epochs, batch size, weight decay)
 RECIPES = {
     "resnet110_cifar10": ("resnet110", ([91, 136], 0.1), 182, 128, 1e-4),
-    "resnet110_sd_cifar10": ("resnet110_sd", ([250, 375], 0.1), 500, 128, 1e-4),
+    "resnet110_sd_cifar10": ("resnet110", ([250, 375], 0.1), 500, 128, 1e-4),
     "wrn_28_10_cifar10": ("wrn_28_10", ([60, 120, 160], 0.2), 200, 128, 5e-4),
     "densenet_bc_100_12_cifar10": ("densenet_bc_100_12", ([150, 225], 0.1), 300, 64, 1e-4),
     "preact_resnet164_cifar10": ("preact_resnet164", ([91, 136], 0.1), 182, 128, 1e-4),
