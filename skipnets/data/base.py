@@ -47,13 +47,11 @@ class DataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not run")
-        batched = type(dataset) is TensorDataset
-        if batched:
-            dataset = InMemoryDataset(*dataset.tensors)
+        dataset, collate_fn = _batched(dataset)
         return ResumableLoader(
             dataset,
             batch_size=self.batch_size,
-            collate_fn=_fetched_batch if batched else None,
+            collate_fn=collate_fn,
             sampler=SeededShuffle(dataset, self.seed)
             if shuffle
             else self._evaluation_sampler(dataset),
@@ -122,14 +120,12 @@ class DataModule(L.LightningDataModule):
         data = dataset()
         if data is None:
             raise ConfigError(f"{type(self).__name__} has no {split} split")
-        batched = type(data) is TensorDataset
-        if batched:
-            data = InMemoryDataset(*data.tensors)
+        data, collate_fn = _batched(data)
         return dataset_split(
             split,
             data,
             batch_size=self.batch_size,
-            collate_fn=_fetched_batch if batched else None,
+            collate_fn=collate_fn,
             rank=rank,
             world_size=world_size,
             max_samples=max_samples,
@@ -161,6 +157,14 @@ class InMemoryDataset(TensorDataset):
     def __getitems__(self, indices: list[int]) -> tuple[Tensor, ...]:
         index = torch.as_tensor(indices, dtype=torch.long)
         return tuple(tensor[index] for tensor in self.tensors)
+
+
+def _batched(dataset: Dataset) -> tuple[Dataset, Callable | None]:
+    """A plain ``TensorDataset`` as an :class:`InMemoryDataset` with its pass-through collate
+    step; any other dataset as it is, with the default one."""
+    if type(dataset) is TensorDataset:
+        return InMemoryDataset(*dataset.tensors), _fetched_batch
+    return dataset, None
 
 
 def _fetched_batch(batch: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
