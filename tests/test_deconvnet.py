@@ -5,6 +5,7 @@ finds the true top activations and draws its figures in a real Trainer."""
 from __future__ import annotations
 
 import csv
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -151,8 +152,8 @@ def test_callback_finds_the_top_activations_and_draws(tmp_path):
     names = {p.name for p in folder.iterdir()}
     expected = {"filters.png", "top_activations.csv"}
     for layer in ("blocks_0", "blocks_2", "blocks_3"):  # the last block of each stage
-        expected |= {f"{layer}_deconvnet.png", f"{layer}_guided_backprop.png"}
-    expected |= {"refinement_stage1_deconvnet.png", "refinement_stage1_guided_backprop.png"}
+        expected |= {f"{layer}_guided_backprop.png"}  # a ResNet has no max-pool switches
+    expected |= {"refinement_stage1_guided_backprop.png"}
     assert names == expected
     assert all((folder / n).stat().st_size > 2_000 for n in names)
 
@@ -212,6 +213,61 @@ def test_named_layers_channels_and_errors(tmp_path):
     vector_net = nn.Sequential(nn.Linear(12, 4))
     with pytest.raises(ConfigError, match="image inputs and a convolutional network"):
         run(tmp_path, DeconvNet(layers=["0"], refinement_stage=-1), vector_net, shape=(12,))
+
+
+def pooling_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(*small_net(), nn.Flatten(), nn.Linear(4 * 4 * 4, 4))
+
+
+def test_without_max_pooling_the_default_is_guided_backprop_only(tmp_path):
+    # Why: with no max-pool switches, the deconvnet projection of one unit is the same picture
+    # for every image; guided backpropagation's is not.
+    net = CifarResNet([1, 1, 1], in_channels=1, widths=(4, 4, 4)).eval()
+    images = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    layer, channel, position = net.blocks[2], torch.tensor([1, 1]), torch.tensor([3, 3])
+    deconv = project(net, layer, images, channel, position, "deconvnet")
+    guided = project(net, layer, images, channel, position, "guided_backprop")
+    torch.testing.assert_close(deconv[0], deconv[1])
+    assert not torch.allclose(guided[0], guided[1])
+
+    callback = DeconvNet(channels=1, refinement_stage=-1, top_k=2)
+    run(tmp_path, callback)
+    assert callback.methods == ["guided_backprop"]
+    drawn = {p.name for p in (tmp_path / "deconvnet" / "epoch000").glob("*.png")}
+    assert drawn == {
+        "filters.png",
+        "blocks_0_guided_backprop.png",
+        "blocks_2_guided_backprop.png",
+        "blocks_3_guided_backprop.png",
+    }
+
+
+def test_asking_for_deconvnet_without_max_pooling_warns(tmp_path):
+    callback = DeconvNet(
+        layers=["blocks.1"], channels=1, methods=["deconvnet"], refinement_stage=-1, top_k=2
+    )
+    with pytest.warns(UserWarning, match="no max pooling.*use methods: \\[guided_backprop\\]"):
+        run(tmp_path, callback)
+    assert callback.methods == ["deconvnet"]  # asked for, so drawn
+    assert (tmp_path / "deconvnet" / "epoch000" / "blocks_1_deconvnet.png").exists()
+
+
+def test_a_network_that_max_pools_keeps_both_projections(tmp_path):
+    callback = DeconvNet(channels=1, top_k=2)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*max pool.*")
+        run(tmp_path, callback, pooling_net())
+    assert callback.methods == ["deconvnet", "guided_backprop"]
+    drawn = {p.name for p in (tmp_path / "deconvnet" / "epoch000").glob("*.png")}
+    assert drawn == {
+        "filters.png",
+        *(
+            f"{layer}_{method}.png"
+            for layer in ("0", "3")
+            for method in ("deconvnet", "guided_backprop")
+        ),
+    }
 
 
 def test_command_line_on_a_checkpoint(tmp_path):

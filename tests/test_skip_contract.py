@@ -135,10 +135,12 @@ def test_skip_blocks_in_depth_order_with_stages():
     assert order == [b for _, b in blocks]
 
 
-def test_residual_mlp_is_the_plain_mlp_plus_shortcuts():
+def test_residual_mlp_without_norm_is_the_plain_mlp_plus_shortcuts():
     torch.manual_seed(0)
     plain = skipnets.create_model("plain_mlp", depth=5, width=8, in_features=6, num_classes=3)
-    residual = skipnets.create_model("residual_mlp", depth=5, width=8, in_features=6, num_classes=3)
+    residual = skipnets.create_model(
+        "residual_mlp", depth=5, width=8, in_features=6, num_classes=3, norm=False
+    )
     residual.load_state_dict(plain.state_dict())  # the same parameters, name for name
     x = torch.randn(4, 6)
     h = plain.stem(x)
@@ -151,3 +153,23 @@ def test_residual_mlp_is_the_plain_mlp_plus_shortcuts():
     h = h + torch.relu(residual.blocks[0].linear(h))
     h = h + torch.relu(residual.blocks[2].linear(h))
     torch.testing.assert_close(residual(x), residual.head(h))
+
+
+def test_residual_mlp_block_ends_in_a_batch_norm_that_starts_at_zero():
+    torch.manual_seed(0)
+    residual = skipnets.create_model("residual_mlp", depth=5, width=8, in_features=6, num_classes=3)
+    x = torch.randn(4, 6)
+    # At initialisation every block is the identity: the net is its stem, final norm and head.
+    residual.train()
+    torch.testing.assert_close(residual(x), residual.head(residual.norm(residual.stem(x))))
+    for block in residual.blocks:  # give the norms a scale and statistics of their own
+        nn.init.uniform_(block.norm.weight, 0.5, 1.5)
+        nn.init.normal_(block.norm.running_mean)
+        nn.init.uniform_(block.norm.running_var, 0.5, 2.0)
+    residual.eval()
+    h = residual.stem(x)
+    for block in residual.blocks:
+        bn = block.norm
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        h = h + (torch.relu(block.linear(h)) - bn.running_mean) * scale + bn.bias
+    torch.testing.assert_close(residual(x), residual.head(residual.norm(h)))

@@ -52,9 +52,13 @@ def log_rows(
     log_table(trainer, key, [[r[c] for c in columns] for r in rows], columns=columns)
 
 
-def mark_stages(ax: Axes, stages: Sequence[int], offset: float = 0.0) -> None:
+def mark_stages(ax: Axes, stages: Sequence[int], offset: float = 0.0) -> bool:
     """Dashed vertical lines between consecutive indices whose stage differs (negative stages,
-    parts outside any stage such as a stem or head, are not boundaries)."""
+    parts outside any stage such as a stem or head, are not boundaries). Returns whether there
+    was any, so that a label mentions them only then."""
+    drawn = False
     for i in range(1, len(stages)):
         if min(stages[i], stages[i - 1]) >= 0 and stages[i] != stages[i - 1]:
             ax.axvline(i - 0.5 + offset, color="0.5", linestyle="--", linewidth=0.8)
+            drawn = True
+    return drawn

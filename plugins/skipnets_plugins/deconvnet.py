@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
@@ -109,6 +110,20 @@ class _Geometry(TorchFunctionMode):
                 call_argument(args, kwargs, 5, "ceil_mode", False),
             )
         return func(*args, **kwargs)
+
+
+class _MaxPooling(TorchFunctionMode):
+    """Records whether a forward pass max-pools (``nn.MaxPool2d`` or a functional call): the
+    deconvnet projection needs the switches of max pooling to depend on the image at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if "max_pool" in getattr(func, "__name__", ""):
+            self.seen = True
+        return func(*args, **(kwargs or {}))
 
 
 class _Reached(Exception):
@@ -275,7 +290,11 @@ class DeconvNet(Callback):
         top_k: activations shown per feature map (9 in the paper).
         split: the data module's split searched for top activations.
         max_samples: search at most this many samples of the split; None: all.
-        methods: projections to draw: ``deconvnet``, ``guided_backprop``.
+        methods: projections to draw: ``deconvnet``, ``guided_backprop``. Default: both for
+            networks that max-pool, ``guided_backprop`` alone for those that do not (every
+            ResNet here). Without max-pool switches nothing in the deconvnet's way down depends
+            on the image, so a unit projects the same pattern for every input; asking for
+            ``deconvnet`` on such a network warns.
         refinement_stage: stage whose blocks the refinement figure follows; None: the last stage;
             -1: no refinement figure. Needs skip blocks.
         refinement_channels: channels followed through the stage (the strongest at its end).
@@ -296,12 +315,13 @@ class DeconvNet(Callback):
         every_n_epochs: int = 0,
     ) -> None:
         check_split(split, "DeconvNet")
-        methods = list(methods) if methods is not None else list(METHODS)
-        bad = [m for m in methods if m not in METHODS]
-        if bad or not methods:
-            raise ConfigError(
-                f"DeconvNet: methods must be a non-empty list of {', '.join(METHODS)}, got {methods}"
-            )
+        if methods is not None:
+            bad = [m for m in methods if m not in METHODS]
+            if bad or not methods:
+                raise ConfigError(
+                    f"DeconvNet: methods must be a non-empty list of {', '.join(METHODS)}, "
+                    f"got {methods}"
+                )
         if isinstance(channels, int) and channels < 1:
             raise ConfigError(f"DeconvNet: channels must be positive, got {channels}")
         if isinstance(channels, list) and (not channels or min(channels) < 0):
@@ -318,7 +338,10 @@ class DeconvNet(Callback):
         self.top_k = top_k
         self.split = split
         self.max_samples = max_samples
-        self.methods = methods
+        self.requested_methods = list(methods) if methods is not None else None
+        #: The projections drawn: the requested ones, or the default for the model once seen.
+        self.methods = list(methods) if methods is not None else list(METHODS)
+        self._warned_no_switches = False
         self.refinement_stage = refinement_stage
         self.refinement_channels = refinement_channels
         self.every_n_epochs = every_n_epochs
@@ -390,7 +413,7 @@ class DeconvNet(Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _MaxPooling() as pooling:
                 pl_module(x)
                 outs = forward_to(pl_module, [m for _, m in self._layers + self._stage_blocks], x)
         finally:
@@ -404,6 +427,7 @@ class DeconvNet(Callback):
             )
         self._first_conv = convs[0]
         self._widths = [out.shape[-1] for out in outs]
+        self._choose_methods(type(pl_module).__name__, max_pools=pooling.seen)
         for (name, _), out in zip(self._layers + self._stage_blocks, outs):
             if out.ndim != 4:
                 raise ConfigError(
@@ -414,6 +438,25 @@ class DeconvNet(Callback):
                 raise ConfigError(
                     f"DeconvNet: channel {max(self.channels)} requested but layer {name} has "
                     f"{out.shape[1]} channels"
+                )
+
+    def _choose_methods(self, model: str, max_pools: bool) -> None:
+        if max_pools:
+            self.methods = self.requested_methods or list(METHODS)
+        elif self.requested_methods is None:
+            self.methods = ["guided_backprop"]
+            rank_zero_info(
+                f"DeconvNet: {model} has no max pooling, so the deconvnet projection would be the "
+                "same for every image; drawing guided backpropagation only"
+            )
+        else:
+            self.methods = self.requested_methods
+            if "deconvnet" in self.methods and not self._warned_no_switches:
+                self._warned_no_switches = True
+                rank_zero_warn(
+                    f"DeconvNet: {model} has no max pooling, and without max-pool switches the "
+                    "deconvnet projection of a unit does not depend on the image (only on where "
+                    "the unit is); use methods: [guided_backprop]"
                 )
 
     # -- when it runs ---------------------------------------------------------------------------

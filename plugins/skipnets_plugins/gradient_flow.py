@@ -146,9 +146,11 @@ class GradientFlow(Callback):
 
 
 def _sum_sq(tensors: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    # Squared in float64: a float32 square underflows to zero below about 1e-23, and the first
+    # layers of a deep sigmoid net have true gradient norms far below that (1e-30 and less).
     if not tensors:
-        return torch.zeros((), device=like.device)
-    return torch.stack([t.float().pow(2).sum() for t in tensors]).sum()
+        return torch.zeros((), dtype=torch.float64, device=like.device)
+    return torch.stack([t.double().pow(2).sum() for t in tensors]).sum()
 
 
 def parameter_groups(
@@ -225,9 +227,11 @@ def plot_gradient_flow(rows: Sequence[dict[str, Any]], stages: Sequence[int]):
         curves.plot(
             np.arange(count), grid[:, column[step]], marker=".", color=cmap(step_norm(step))
         )
-    mark_stages(curves, stages)
+    boundaries = mark_stages(curves, stages)
     curves.set_yscale("log")
-    curves.set_xlabel("depth (0: input side; dashed: stage boundary)")
+    curves.set_xlabel(
+        "depth (0: input side; dashed: stage boundary)" if boundaries else "depth (0: input side)"
+    )
     curves.set_ylabel(r"$\|\nabla_\theta L\|_2$")
     curves.set_title("gradient norm against depth")
     curves.grid(alpha=0.3)

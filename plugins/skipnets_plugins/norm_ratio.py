@@ -249,9 +249,9 @@ def plot_norm_ratio(rows: Sequence[dict[str, Any]], stages: Sequence[int]):
     for ax, split in zip(axes[0], splits):
         for epoch, curve in epoch_curves(rows, split).items():
             ax.plot(np.arange(len(curve)), curve, marker=".", color=cmap(norm(epoch)))
-        mark_stages(ax, stages)
+        boundaries = mark_stages(ax, stages)
         ax.set_title({"train": "training batches", "val": "validation set"}[split])
-        ax.set_xlabel("block index (dashed: stage boundary)")
+        ax.set_xlabel("block index" + (" (dashed: stage boundary)" if boundaries else ""))
         ax.set_ylabel(r"$\|F(h)\|_2 \,/\, \|h\|_2$")
         ax.grid(alpha=0.3)
     bar = fig.colorbar(ScalarMappable(norm, cmap), ax=axes[0].tolist(), label="epoch")

@@ -61,13 +61,26 @@ class PlainLinear(SkipBlock):
 
 
 class ResidualLinear(PlainLinear):
-    """The same layer with an identity shortcut: ``y = x + act(norm(W x + b))``.
+    """A fully connected residual block with one weight layer: ``y = x + BN(act(W x + b))``.
 
-    One weight layer per block, so a residual MLP has exactly the parameters of the plain one of
-    the same depth: the only difference is the skip path.
+    He et al.'s block ends its branch in a batch norm before the sum; its scale starts at zero
+    (Goyal et al. 2017), so every block starts as the identity, however many there are. Without
+    it (``norm=False``: ``y = x + act(W x + b)``, plain_mlp's parameters exactly) each block adds
+    its branch's variance to the sum's, and the activations of a deep net grow with depth at
+    initialisation (geometrically with ReLU).
     """
 
     kind = "residual"
+
+    def __init__(self, width: int, activation: str = "relu", norm: bool = True) -> None:
+        super().__init__(width, activation, norm=False)
+        self.norm = nn.BatchNorm1d(width) if norm else None
+        if self.norm is not None:
+            nn.init.zeros_(self.norm.weight)
+
+    def branch(self, x: Tensor) -> Tensor:
+        h = self.act(self.linear(x))
+        return h if self.norm is None else self.norm(h)
 
     def combine(self, shortcut: Tensor, branch: Tensor) -> Tensor:
         return shortcut + branch
