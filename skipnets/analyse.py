@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from skipnets.errors import ConfigError
+from skipnets.runs import trained_run_dir
 
 __all__ = ["SHORT_FORMS", "USAGE", "analyse"]
 
@@ -76,13 +77,6 @@ def analyse(plugin_name: str | None, args: list[str], command: str = "analyse") 
     if len(written) > 12:
         print(f"  ... and {len(written) - 12} more")
     return 0
-
-
-def trained_run_dir(checkpoint: Path) -> Path:
-    """The run a checkpoint belongs to: the folder holding its ``checkpoints/`` folder, or the
-    checkpoint's own folder for a checkpoint kept elsewhere."""
-    folder = checkpoint.resolve().parent
-    return folder.parent if folder.name == "checkpoints" else folder
 
 
 def _run_validate(plugin: type, command: str, args: list[str]) -> None:

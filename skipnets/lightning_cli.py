@@ -32,6 +32,7 @@ from skipnets.ema import EMA  # noqa: F401 - so `class_path: EMA` resolves
 from skipnets.errors import ConfigError, SkipnetsError
 from skipnets.module import Classifier
 from skipnets.plugins import check_config_names, discover_plugins
+from skipnets.predictions import PredictionCSV
 from skipnets.progress import TimedProgressBar
 from skipnets.quiet import VERBOSE_ENV, quiet_frameworks
 from skipnets.resume import RunState
@@ -138,6 +139,8 @@ class SkipnetsCLI(LightningCLI):
                 init.offline = True
         _fill_cluster_devices(trainer)
         self.trainer_defaults["callbacks"] = _core_callbacks(config)
+        if self.subcommand == "predict":
+            self.trainer_defaults["callbacks"].append(PredictionCSV())
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI would fold the checkpoint's hyperparameters into the model config (and

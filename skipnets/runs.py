@@ -42,6 +42,13 @@ def run_dir(trainer: L.Trainer) -> Path:
     return Path(save_dir) / str(logger.name) / version
 
 
+def trained_run_dir(checkpoint: str | os.PathLike) -> Path:
+    """The run a checkpoint belongs to: the folder holding its ``checkpoints/`` folder, or the
+    checkpoint's own folder for a checkpoint kept elsewhere."""
+    folder = Path(checkpoint).resolve().parent
+    return folder.parent if folder.name == "checkpoints" else folder
+
+
 def plugin_dir(trainer: L.Trainer, plugin: str) -> Path:
     """Where a plugin writes its files: ``run_dir(trainer) / plugin``, created. Call it on rank
     zero only.

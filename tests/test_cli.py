@@ -140,3 +140,24 @@ def test_the_terminal_is_quiet_and_the_summary_comes_last(tmp_path) -> None:
     assert quiet.stdout.rstrip().splitlines()[-1].lstrip().startswith("upload it with: wandb sync")
     loud = run_skipnets(*args, "--trainer.logger=false", env={"SKIPNETS_VERBOSE": "1"})
     assert "GPU available: False, used: False" in loud.stdout + loud.stderr
+
+
+def test_predict_writes_its_predictions_into_the_trained_run(tmp_path, capsys) -> None:
+    import csv
+
+    base = ["--model.arch=plain_mlp", "--data=Digits", "--data.image_size=null"]
+    base += ["--trainer.logger=false", "--trainer.enable_progress_bar=false"]
+    base += [f"--trainer.default_root_dir={tmp_path}"]
+    assert main(["fit", *base, "--trainer.max_epochs=1", "--test_after_fit=false"]) == 0
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    assert main(["predict", *base, f"--ckpt_path={ckpt}"]) == 0
+    path = tmp_path / "predictions" / "last.csv"
+    assert f"Predictions for 359 samples: {path}" in capsys.readouterr().out
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["index"]) for r in rows] == list(range(359))  # the test split, in order
+    for row in rows[:20]:
+        probabilities = [float(row[f"p_{c}"]) for c in range(10)]
+        assert abs(sum(probabilities) - 1) < 1e-4
+        assert int(row["predicted"]) == probabilities.index(max(probabilities))
+        assert 0 <= int(row["label"]) < 10
