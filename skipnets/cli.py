@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cause = _user_error(err) or _constructor_failure(err)
         if os.environ.get(DEBUG_ENV) or cause is None:
             raise
-        print(f"skipnets: error: {cause}", file=sys.stderr)
+        print(f"skipnets: error: {_with_suggestion(str(cause))}", file=sys.stderr)
         return getattr(cause, "exit_code", USER_ERROR)
 
 
@@ -99,6 +99,60 @@ def _constructor_failure(err: BaseException) -> str | None:
                 name = f"{module}.{type(owner).__qualname__}"
                 return f"could not create {name}: {type(exception).__name__}: {exception}"
     return None
+
+
+def _with_suggestion(message: str) -> str:
+    """An unknown option, told in one line with the closest known one ("did you mean"), as an
+    unknown architecture is; other messages as they are."""
+    import difflib
+    import re
+
+    nested = re.search(
+        r'Parser key "([\w.]+)":.*?Problem with given class_path \'([\w.]+)\':\s*'
+        r"Option '(\w+)' is not accepted",
+        message,
+        re.S,
+    )
+    if nested:
+        key, class_path, option = nested.groups()
+        known = _parameters(class_path)
+        close = difflib.get_close_matches(option, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {key}.{close[0]}?" if close else ""
+        return f"{key}: {class_path} has no option {option!r}{hint}"
+    flat = re.search(r"(?:does not accept option '|unrecognized arguments: --)([\w.]+)", message)
+    if flat and flat.group(1).startswith("trainer."):
+        option = flat.group(1).removeprefix("trainer.")
+        known = _parameters("lightning.pytorch.Trainer")
+        close = difflib.get_close_matches(option, known, n=1, cutoff=0.6)
+        if close:
+            return f"{message.rstrip()}; did you mean trainer.{close[0]}?"
+    return message
+
+
+def _parameters(class_path: str) -> list[str]:
+    """The keyword arguments a class takes, its bases' included where it passes ``**kwargs``."""
+    import importlib
+    import inspect
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return []
+    names: list[str] = []
+    for klass in getattr(cls, "__mro__", [cls]):
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        parameters = inspect.signature(init).parameters.values()
+        names += [
+            p.name
+            for p in parameters
+            if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD
+        ]
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return [n for n in dict.fromkeys(names) if n != "self"]
 
 
 def _raised_through(err: BaseException, package: str) -> bool:

@@ -161,3 +161,15 @@ def test_predict_writes_its_predictions_into_the_trained_run(tmp_path, capsys) -
         assert abs(sum(probabilities) - 1) < 1e-4
         assert int(row["predicted"]) == probabilities.index(max(probabilities))
         assert 0 <= int(row["label"]) < 10
+
+
+def test_unknown_options_get_did_you_mean(tmp_path, capsys) -> None:
+    config = tmp_path / "typo.yaml"
+    config.write_text("model:\n  arch: resnet20\n  lable_smoothing: 0.1\n")
+    assert main(["fit", "--config", str(config)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "skipnets: error: model: skipnets.Classifier has no option 'lable_smoothing'; "
+        "did you mean model.label_smoothing?"
+    )
+    assert main(["fit", "--model.arch=plain_mlp", "--trainer.max_epoc=1"]) == 2
+    assert capsys.readouterr().err.strip().endswith("did you mean trainer.max_epochs?")
