@@ -50,7 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cause = _user_error(err) or _constructor_failure(err)
         if os.environ.get(DEBUG_ENV) or cause is None:
             raise
-        print(f"skipnets: error: {_with_suggestion(str(cause))}", file=sys.stderr)
+        message = _yaml_problem(args) if "Problems parsing config" in str(cause) else None
+        message = message or _with_suggestion(str(cause))
+        print(f"skipnets: error: {message}", file=sys.stderr)
         return getattr(cause, "exit_code", USER_ERROR)
 
 
@@ -98,6 +100,29 @@ def _constructor_failure(err: BaseException) -> str | None:
             if owner is not None and not module.startswith(_LIBRARIES):
                 name = f"{module}.{type(owner).__qualname__}"
                 return f"could not create {name}: {type(exception).__name__}: {exception}"
+    return None
+
+
+def _yaml_problem(args: list[str]) -> str | None:
+    """Which config file is not valid YAML, and where."""
+    import yaml
+
+    paths = [
+        value
+        for flag, value in zip(["", *args], args)
+        if flag in ("--config", "-c") and not value.startswith("-")
+    ] + [arg.partition("=")[2] for arg in args if arg.startswith("--config=")]
+    for path in paths:
+        try:
+            with open(path) as handle:
+                yaml.safe_load(handle)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            return f"the config file {path} is not valid YAML: {problem}{where}"
+        except OSError:
+            continue
     return None
 
 
@@ -212,9 +237,7 @@ def _models_command(args: list[str]) -> int:
         with torch.device("meta"):  # count parameters without allocating them
             params = sum(p.numel() for p in create_model(name).parameters())
         paper = f"{_first_author(info.paper.authors)} {info.paper.year}" if info.paper else ""
-        rows.append(
-            (name, info.family, f"{params / 1e6:.2f}M", "yes" if info.has_skip else "no", paper)
-        )
+        rows.append((name, info.family, _count(params), "yes" if info.has_skip else "no", paper))
     header = ("name", "family", "params", "skip", "paper")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
@@ -306,9 +329,18 @@ def _overview() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _count(params: int) -> str:
+    """A parameter count as people write it: 1.73M, 33.6K, 156."""
+    if params >= 100_000:
+        return f"{params / 1e6:.2f}M"
+    return f"{params / 1e3:.1f}K" if params >= 1000 else str(params)
+
+
 def _first_author(authors: str) -> str:
-    first, _, others = authors.partition(",")
-    return f"{first.strip()} et al." if others.strip() else first.strip()
+    names = [name.strip() for name in authors.split(",") if name.strip()]
+    if len(names) == 2:
+        return f"{names[0]} & {names[1]}"
+    return f"{names[0]} et al." if len(names) > 2 else (names[0] if names else "")
 
 
 def _lightning(args: list[str] | None) -> int:

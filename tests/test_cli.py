@@ -58,8 +58,11 @@ def _bad(tmp_path: Path, *args: str) -> tuple[int, str]:
     ("args", "message"),
     [
         (["--config", "no/such/config.yaml"], "does not exist"),
-        (["--config", "{bad_yaml}"], "Problems parsing config"),
-        (["--config", QUICKSTART, "--config", "{unknown_key}"], "'archh' is not accepted"),
+        (["--config", "{bad_yaml}"], "is not valid YAML: "),
+        (
+            ["--config", QUICKSTART, "--config", "{unknown_key}"],
+            "no option 'archh'; did you mean model.arch?",
+        ),
         (
             ["--config", QUICKSTART, "--model.arch=resnet21"],
             "unknown model 'resnet21': did you mean",
@@ -173,3 +176,18 @@ def test_unknown_options_get_did_you_mean(tmp_path, capsys) -> None:
     )
     assert main(["fit", "--model.arch=plain_mlp", "--trainer.max_epoc=1"]) == 2
     assert capsys.readouterr().err.strip().endswith("did you mean trainer.max_epochs?")
+
+
+def test_models_table_reads_as_people_write(capsys) -> None:
+    assert main(["models", "cascade_mlp"]) == 0
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row[2] == "156" and " ".join(row[4:]) == "Lang & Witbrock 1988"
+
+
+def test_invalid_yaml_names_its_file_and_line(tmp_path, capsys) -> None:
+    config = tmp_path / "broken.yaml"
+    config.write_text("model:\n  arch: [resnet20\n")
+    assert main(["fit", "--config", str(config)]) == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith(f"skipnets: error: the config file {config} is not valid YAML: ")
+    assert "(line 3, column 1)" in message
