@@ -247,8 +247,8 @@ def read_checkpoint(path: str | os.PathLike, weights_only: bool = True) -> dict[
 def _unreadable(path: Path, err: BaseException) -> str:
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return (
-        f"{path} is not a readable checkpoint; it may be truncated or corrupt ({reason[:160]}). "
-        "Resume from another one, e.g. the run's last.ckpt or its best checkpoint"
+        f"{path} is damaged: not a readable checkpoint, truncated or corrupt (the reader "
+        f"said: {reason[:120]}). Use another checkpoint, e.g. the run's last.ckpt or its best one"
     )
 
 

@@ -168,6 +168,18 @@ class SkipnetsCLI(LightningCLI):
             raise
         _finish_wandb(exit_code=0)
 
+    def before_fit(self) -> None:
+        from lightning.pytorch.callbacks import Timer
+
+        trainer = self.trainer
+        timed = any(isinstance(c, Timer) for c in trainer.callbacks)
+        if trainer.max_epochs == -1 and trainer.max_steps == -1 and not timed:
+            rank_zero_only(print)(
+                "skipnets: trainer.max_epochs=-1 and no max_steps or max_time: training goes on "
+                "until it is stopped (SIGTERM saves last.ckpt first)",
+                file=sys.stderr,
+            )
+
     def after_fit(self) -> None:
         config = self.config.get(str(self.subcommand), self.config)
         if (

@@ -405,3 +405,15 @@ def test_out_of_memory_and_an_unwritable_root_end_with_one_line(
         f"skipnets: error: cannot write to the run's root {blocked / 'run'} (Not a directory): "
         "choose another --trainer.default_root_dir"
     )
+
+
+def test_an_endless_run_says_so_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    endless = _fit(
+        tmp_path,
+        "--trainer.max_epochs=-1",
+        "--trainer.callbacks+=tests.run_probes.TermAt",
+        "--trainer.callbacks.step=12",
+    )
+    assert endless.returncode == 143, endless.stderr[-3000:]
+    assert "trainer.max_epochs=-1 and no max_steps or max_time: training goes on" in endless.stderr
+    assert _step(tmp_path / "checkpoints" / "last.ckpt") == 13
