@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -224,17 +223,21 @@ def _memory_advice(datamodule: Any, err: BaseException) -> str:
 
 def _check_writable(root: Path) -> None:
     """Everything a run writes goes under its root: one that cannot be written to is refused
-    before anything starts (W&B would otherwise fall back to the system's temporary folder)."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        reason = err.strerror or type(err).__name__
-        raise ConfigError(
-            f"cannot write to the run's root {root} ({reason}): choose another "
-            "--trainer.default_root_dir"
-        ) from None
+    before anything starts (W&B would otherwise fall back to the system's temporary folder).
+    Nothing is created here: the nearest folder that exists must be one the run can write in."""
+    existing = root.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        reason = "Not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        reason = "read-only" if existing == root.absolute() else f"{existing} is read-only"
+    else:
+        return
+    raise ConfigError(
+        f"cannot write to the run's root {root} ({reason}): choose another "
+        "--trainer.default_root_dir"
+    )
 
 
 def _as_dict(config: Any) -> dict[str, Any] | None:
