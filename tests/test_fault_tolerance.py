@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,6 +56,28 @@ def _step(path: Path) -> int:
     return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
 
 
+@contextlib.contextmanager
+def _running_until(marker: Path, *extra: str) -> Iterator[subprocess.Popen]:
+    """``skipnets fit`` of RUN with ``extra`` in a subprocess, handed over once ``marker``
+    exists (a probe callback writes it); killed on the way out if it still runs."""
+    command = [sys.executable, "-m", "skipnets", *RUN, *extra]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), process.stderr.read()[-3000:] if process.poll() else "no marker"
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=60)
+        process.stderr.close()
+
+
 def _fit(root: Path, *extra: str):
     return run_skipnets(*RUN, f"--trainer.default_root_dir={root}", *extra)
 
@@ -92,35 +116,19 @@ def test_killed_runs_resume_to_the_same_weights(tmp_path: Path) -> None:
 
 def test_kill_while_saving_leaves_the_previous_checkpoint(tmp_path: Path, caplog) -> None:
     marker = tmp_path / "saving"
-    command = [
-        sys.executable,
-        "-m",
-        "skipnets",
-        *RUN,
+    checkpoints = tmp_path / "checkpoints"
+    with _running_until(
+        marker,
         f"--trainer.default_root_dir={tmp_path}",
         "--last_checkpoint_every_n_steps=1",
         "--trainer.callbacks+=tests.run_probes.StallOnSave",
         "--trainer.callbacks.save=3",
         f"--trainer.callbacks.marker={marker}",
-    ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert marker.exists(), process.stderr.read()[-3000:] if process.poll() else "no save"
-        checkpoints = tmp_path / "checkpoints"
+    ) as process:
         # The third save is under way: its bytes go to a side file, the old one is untouched.
         assert list(checkpoints.glob("last.ckpt.*.partial"))
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.stderr.close()
     assert _step(checkpoints / "last.ckpt") == 2
 
     # The run resumes from it.
@@ -328,25 +336,13 @@ def test_a_running_run_is_never_resumed_or_overwritten(tmp_path: Path) -> None:
     """While one run trains into a directory, a second run there is refused with one line, and
     ``--ckpt_path last`` passes the running run over."""
     first_root, marker = tmp_path / "busy", tmp_path / "started"
-    command = [
-        sys.executable,
-        "-m",
-        "skipnets",
-        *RUN,
+    with _running_until(
+        marker,
         f"--trainer.default_root_dir={first_root}",
         "--trainer.callbacks+=tests.run_probes.SlowSteps",
         "--trainer.callbacks.seconds=3",
         f"--trainer.callbacks.marker={marker}",
-    ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    first = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while not marker.exists() and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert marker.exists(), first.stderr.read()[-3000:]
+    ) as first:
         config = (first_root / "config.yaml").read_bytes()
 
         # Another run into the same directory (no logger: the directory is the root).
@@ -359,10 +355,6 @@ def test_a_running_run_is_never_resumed_or_overwritten(tmp_path: Path) -> None:
         third = _fit(first_root, "--ckpt_path=last")
         assert third.returncode == 2
         assert "every run under" in third.stderr and "is still running" in third.stderr
-    finally:
-        first.kill()
-        first.wait(timeout=60)
-        first.stderr.close()
     # Once it has stopped, it can be resumed.
     assert _fit(first_root, "--ckpt_path=last").returncode == 0
 
