@@ -28,6 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "models": _models_command,
         "plugins": _plugins_command,
         "analyse": _analyse_command,
+        "compare": _compare_command,
         "analyze": _analyse_command,
         "lesion": _short_form("lesion"),
         "deconvnet": _short_form("deconvnet"),
@@ -281,6 +282,12 @@ def _plugins_command(args: list[str]) -> int:
     return 1 if any(p.error for p in plugins) else 0
 
 
+def _compare_command(args: list[str]) -> int:
+    from skipnets.compare import compare
+
+    return compare(args)
+
+
 def _analyse_command(args: list[str]) -> int:
     from skipnets.analyse import analyse
 
@@ -309,6 +316,7 @@ COMMANDS = (
     ("models", "list the registered architectures, with parameter counts and papers"),
     ("plugins", "list the installed plugins (research callbacks), and any that failed to load"),
     ("analyse", "run an analysis plugin on a trained checkpoint, into the run that trained it"),
+    ("compare", "overlay several runs' results of one plugin (lesion, norm ratio, gradients)"),
     ("lesion", "skipnets analyse Lesion: each skip block removed in turn"),
     ("deconvnet", "skipnets analyse DeconvNet: top activations projected to pixel space"),
 )

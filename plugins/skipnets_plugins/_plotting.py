@@ -12,6 +12,7 @@ import lightning as L
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from skipnets.runs import log_figure, log_table
 
@@ -62,3 +63,62 @@ def mark_stages(ax: Axes, stages: Sequence[int], offset: float = 0.0) -> bool:
             ax.axvline(i - 0.5 + offset, color="0.5", linestyle="--", linewidth=0.8)
             drawn = True
     return drawn
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """A plugin's CSV, numbers as numbers."""
+    with open(path, newline="") as handle:
+        return [
+            {key: _number(value) for key, value in row.items()} for row in csv.DictReader(handle)
+        ]
+
+
+def _number(value: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            pass
+    return value
+
+
+def overlay_runs(
+    runs: dict[str, Path],
+    out: Path,
+    name: str,
+    series: Any,
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    log_y: bool = False,
+    chance: float | None = None,
+) -> list[Path]:
+    """One line per run, on one set of axes: ``series(run_dir)`` gives ``(x, y)`` (or None for a
+    run without results, which is named in an error). Writes ``<name>.png`` and ``<name>.csv``
+    (run, x, y) in ``out``."""
+    from skipnets.errors import ConfigError
+
+    curves = {label: series(directory) for label, directory in runs.items()}
+    missing = [f"{label} ({runs[label]})" for label, curve in curves.items() if curve is None]
+    if missing:
+        raise ConfigError(f"no {name} results in: {', '.join(missing)}")
+    fig, axes = new_figure(1, 1, size=(6.5, 4.2))
+    ax = axes[0][0]
+    rows = []
+    for label, (x, y) in curves.items():
+        ax.plot(x, y, marker=".", label=label)
+        rows += [{"run": label, "x": a, "y": b} for a, b in zip(x, y)]
+    if chance is not None:
+        ax.axhline(chance, ls=":", color="grey", lw=1, label="chance")
+    if log_y:
+        ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    png = out / f"{name}.png"
+    fig.savefig(png, dpi=120)
+    return [png, write_csv(out / f"{name}.csv", ("run", "x", "y"), rows)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -21,6 +22,8 @@ from skipnets_plugins._plotting import (
     log_rows,
     mark_stages,
     new_figure,
+    overlay_runs,
+    read_rows,
     save_figure,
     write_csv,
 )
@@ -92,6 +95,31 @@ class GradientFlow(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rows = list(state_dict.get("rows", []))
+
+    @classmethod
+    def compare_runs(cls, runs: dict[str, Path], out: Path) -> list[Path]:
+        """Gradient norm against depth at each run's first measured step, one line per run:
+        where the gradient vanishes (plain), fades (highway) or holds (residual)."""
+
+        def series(directory: Path):
+            path = directory / "gradient_flow" / "gradient_flow.csv"
+            if not path.is_file():
+                return None
+            rows = read_rows(path)
+            first = min(r["step"] for r in rows)
+            rows = sorted((r for r in rows if r["step"] == first), key=lambda r: r["index"])
+            return [r["index"] for r in rows], [r["grad_norm"] for r in rows]
+
+        return overlay_runs(
+            runs,
+            out,
+            "gradient_flow",
+            series,
+            title="gradient norm against depth, first step",
+            xlabel="depth (0: input side)",
+            ylabel="gradient norm",
+            log_y=True,
+        )
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._groups = [

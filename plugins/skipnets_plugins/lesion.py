@@ -23,7 +23,14 @@ from skipnets.data.analysis import AnalysisSplit, Split, analysis_split, check_s
 from skipnets.errors import ConfigError
 from skipnets.nn import SkipBlock, network_name, skip_blocks
 from skipnets.runs import plugin_dir
-from skipnets_plugins._plotting import log_rows, new_figure, save_figure, write_csv
+from skipnets_plugins._plotting import (
+    log_rows,
+    new_figure,
+    overlay_runs,
+    read_rows,
+    save_figure,
+    write_csv,
+)
 
 __all__ = ["Lesion", "LesionResult"]
 
@@ -264,6 +271,29 @@ class Lesion(Callback):
         # Every rank must run the same evaluations: rank zero's list decides.
         return trainer.strategy.broadcast(swappable, src=0)
 
+    # -- comparing runs (skipnets compare Lesion RUN ...) -------------------------------------
+    @classmethod
+    def compare_runs(cls, runs: dict[str, Path], out: Path) -> list[Path]:
+        """Single-block lesion accuracy against block index, one line per run (Veit et al.
+        2016, Fig. 3: residual against plain)."""
+
+        def series(directory: Path):
+            path = _latest(directory / "lesion", "lesion.csv")
+            if path is None:
+                return None
+            rows = [r for r in read_rows(path) if r["lesion"] == "single"]
+            return [int(r["block_index"]) for r in rows], [r["accuracy"] for r in rows]
+
+        return overlay_runs(
+            runs,
+            out,
+            "lesion",
+            series,
+            title="accuracy with one block lesioned",
+            xlabel="block index",
+            ylabel="accuracy",
+        )
+
     # -- output -------------------------------------------------------------------------------
     def _report(self, trainer: Trainer, pl_module: LightningModule) -> None:
         directory = plugin_dir(trainer, "lesion")
@@ -406,3 +436,11 @@ def _swapped(model: nn.Module, first: str, second: str) -> Iterator[None]:
     finally:
         setattr(container, a, module_a)
         setattr(container, b, module_b)
+
+
+def _latest(folder: Path, name: str) -> Path | None:
+    """``folder/name`` (what training wrote), else the newest ``folder/*/name`` (an analysis)."""
+    if (folder / name).is_file():
+        return folder / name
+    found = sorted(folder.glob(f"*/{name}"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None

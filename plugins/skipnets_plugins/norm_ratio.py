@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -26,6 +27,8 @@ from skipnets_plugins._plotting import (
     log_rows,
     mark_stages,
     new_figure,
+    overlay_runs,
+    read_rows,
     save_figure,
     write_csv,
 )
@@ -157,6 +160,34 @@ class NormRatio(Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.state.fn != TrainerFn.FITTING:  # trainer.validate(): no training epoch end
             self._write(trainer)
+
+    # -- comparing runs (skipnets compare NormRatio RUN ...) ----------------------------------
+    @classmethod
+    def compare_runs(cls, runs: dict[str, Path], out: Path) -> list[Path]:
+        """The last epoch's norm ratio per block, one line per run (on the validation set when
+        it was measured, else on training batches)."""
+
+        def series(directory: Path):
+            path = directory / "norm_ratio" / "norm_ratio.csv"
+            if not path.is_file():
+                return None
+            rows = read_rows(path)
+            split = "val" if any(r["split"] == "val" for r in rows) else "train"
+            curves = epoch_curves(rows, split)
+            if not curves:
+                return None
+            curve = curves[max(curves)]
+            return list(range(len(curve))), [float(v) for v in curve]
+
+        return overlay_runs(
+            runs,
+            out,
+            "norm_ratio",
+            series,
+            title="norm ratio ||F(h)|| / ||h||, last epoch",
+            xlabel="block index",
+            ylabel="ratio",
+        )
 
     # -- measuring ---------------------------------------------------------------------------
     def _attach(self, trainer: L.Trainer, pl_module: L.LightningModule, cosine: bool) -> None:
