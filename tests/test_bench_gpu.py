@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
@@ -189,7 +190,11 @@ def python_host_reads(monkeypatch):
     return modes
 
 
-def _fit_counting_host_reads(tmp_path: Path, modes: list, *args: str) -> _CountHostReads:
+def _fit_counting_host_reads(
+    tmp_path: Path, modes: list, *args: str, bar: Any = None
+) -> tuple[_CountHostReads, SkipnetsCLI]:
+    """A 2-epoch fit of ``args`` that counts every step's host reads; ``bar`` replaces the
+    default progress bar."""
     probe = _CountHostReads()
     modes.append(probe.mode)
     cli = SkipnetsCLI(
@@ -204,16 +209,19 @@ def _fit_counting_host_reads(tmp_path: Path, modes: list, *args: str) -> _CountH
         ],
         run=False,
     )
+    if bar is not None:
+        callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, TimedProgressBar)]
+        cli.trainer.callbacks = [*callbacks, bar]
     cli.trainer.callbacks.append(probe)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return probe
+    return probe, cli
 
 
 def test_speedrun_training_steps_read_nothing_on_the_host(tmp_path, python_host_reads):
     """The speed-run recipe as configured (its EMA, checkpoints, metrics and loss logging; no
     progress bar): a step that writes no log makes no host read."""
     root = bench_gpu.write_cifar10(tmp_path / "data", train_size=224, test_size=16)
-    probe = _fit_counting_host_reads(
+    probe, _ = _fit_counting_host_reads(
         tmp_path,
         python_host_reads,
         f"--config={bench_gpu.SPEEDRUN_CONFIG}",
@@ -236,30 +244,17 @@ def test_default_run_reads_the_loss_only_to_log_it_or_redraw_the_bar(tmp_path, p
     per-step non-finite check off: Lightning would read a loss logged for the progress bar after
     every step; the bar reads it only when it redraws."""
     bar = _RecordedBar(refresh_interval=3600.0)  # redraws at the first and each last batch
-    probe = _CountHostReads()
-    python_host_reads.append(probe.mode)
-    cli = SkipnetsCLI(
-        args=[
-            "--model.arch=plain_mlp",
-            '--model.arch_kwargs={"depth": 3, "width": 16}',
-            "--data=Digits",
-            "--data.image_size=null",
-            "--data.batch_size=128",
-            "--stop_on_nonfinite_loss=false",
-            "--trainer.accelerator=cpu",
-            "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-            f"--trainer.logger.save_dir={tmp_path}",
-            f"--trainer.default_root_dir={tmp_path}",
-            "--trainer.log_every_n_steps=4",
-            "--trainer.max_epochs=2",
-        ],
-        run=False,
+    probe, cli = _fit_counting_host_reads(
+        tmp_path,
+        python_host_reads,
+        "--model.arch=plain_mlp",
+        '--model.arch_kwargs={"depth": 3, "width": 16}',
+        "--data=Digits",
+        "--data.image_size=null",
+        "--data.batch_size=128",
+        "--stop_on_nonfinite_loss=false",
+        bar=bar,
     )
-    cli.trainer.callbacks = [
-        c for c in cli.trainer.callbacks if not isinstance(c, TimedProgressBar)
-    ]
-    cli.trainer.callbacks += [bar, probe]
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     batches = cli.trainer.num_training_batches
     expected = probe.logging_steps | set(bar.redraws)
     quiet = {(epoch, batch) for epoch in range(2) for batch in range(batches)} - expected
