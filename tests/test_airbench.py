@@ -11,14 +11,13 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, quiet_trainer
+from conftest import quiet_trainer
 from datagen import write_cifar10
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from skipnets import Classifier
-from skipnets.cli import main
 from skipnets.data import GPUCIFAR10
 from skipnets.data.gpu import alternating_flips, augment
 from skipnets.ema import EMA
@@ -461,26 +460,3 @@ def test_linear_warmup_decay_schedule():
     assert rates[60][0] == pytest.approx(0.1 * (1 - 0.93 * 37 / 77))
     with pytest.raises(ConfigError, match="total_steps"):
         LinearWarmupDecayLR(optimizer)
-
-
-# -- the paper config -----------------------------------------------------------------------
-
-
-def test_airbench94_config_runs_a_few_steps_on_cpu(tmp_path: Path, cifar_root: Path):
-    status = main(
-        [
-            "fit",
-            "--config",
-            str(ROOT / "configs/papers/airbench94_cifar10.yaml"),
-            "--trainer.fast_dev_run=2",
-            "--trainer.accelerator=cpu",
-            "--trainer.precision=32",
-            "--trainer.logger=false",
-            f"--trainer.default_root_dir={tmp_path}",
-            f"--data.init_args.root={cifar_root}",
-            "--data.init_args.val_size=20",
-            "--data.init_args.batch_size=8",
-            "--data.init_args.eval_batch_size=10",
-        ]
-    )
-    assert status == 0

@@ -261,12 +261,13 @@ def test_ddp_ranks_train_on_disjoint_shards(tmp_path: Path, cifar_root: Path) ->
     assert seen[0]["0"] != seen[0]["1"]  # a new order (and split between ranks) each epoch
 
 
-def test_speedrun_config_runs_a_few_steps_on_cpu(tmp_path: Path, cifar_root: Path) -> None:
+@pytest.mark.parametrize("config", ["cifar10_speedrun", "airbench94_cifar10"])
+def test_speed_configs_run_a_few_steps_on_cpu(tmp_path: Path, cifar_root: Path, config: str):
     status = main(
         [
             "fit",
             "--config",
-            str(ROOT / "configs/papers/cifar10_speedrun.yaml"),
+            str(ROOT / f"configs/papers/{config}.yaml"),
             "--trainer.fast_dev_run=2",
             "--trainer.accelerator=cpu",
             "--trainer.precision=32",
