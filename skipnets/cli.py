@@ -29,6 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plugins": _plugins_command,
         "analyse": _analyse_command,
         "compare": _compare_command,
+        "study": _study_command,
         "analyze": _analyse_command,
         "lesion": _short_form("lesion"),
         "deconvnet": _short_form("deconvnet"),
@@ -288,6 +289,12 @@ def _compare_command(args: list[str]) -> int:
     return compare(args)
 
 
+def _study_command(args: list[str]) -> int:
+    from skipnets.study import study
+
+    return study(args)
+
+
 def _analyse_command(args: list[str]) -> int:
     from skipnets.analyse import analyse
 
@@ -316,7 +323,8 @@ COMMANDS = (
     ("models", "list the registered architectures, with parameter counts and papers"),
     ("plugins", "list the installed plugins (research callbacks), and any that failed to load"),
     ("analyse", "run an analysis plugin on a trained checkpoint, into the run that trained it"),
-    ("compare", "overlay several runs' results of one plugin (lesion, norm ratio, gradients)"),
+    ("compare", "overlay runs' training curves, or one plugin's results, on one set of axes"),
+    ("study", "run a grid of fits from one study file and draw its figure (depth studies)"),
     ("lesion", "skipnets analyse Lesion: each skip block removed in turn"),
     ("deconvnet", "skipnets analyse DeconvNet: top activations projected to pixel space"),
 )

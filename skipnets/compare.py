@@ -1,5 +1,8 @@
 """``skipnets compare PLUGIN RUN_DIR [RUN_DIR ...]``: several runs' results on one set of axes.
 
+``skipnets compare curves RUN_DIR...`` overlays the runs' training curves (training loss and
+validation accuracy against epoch, from each run's ``history.csv``).
+
 A plugin that can compare runs has a class method ``compare_runs(runs, out)``: ``runs`` maps a
 label to a run directory, ``out`` is the folder to write in, and it returns the files it wrote
 (a PNG and a CSV). Each run is labelled by its architecture and depth, read from its
@@ -14,16 +17,23 @@ from typing import Any
 
 from skipnets.errors import ConfigError
 
-__all__ = ["compare", "run_label"]
+__all__ = ["CURVES", "compare", "run_label"]
+
+#: The names that compare the runs' training curves (their ``history.csv``) rather than a
+#: plugin's results.
+CURVES = ("curves", "history")
 
 
 def compare(args: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="skipnets compare",
-        description="Overlay several runs' results of one plugin (Lesion, NormRatio, "
-        "GradientFlow, or a third-party plugin with compare_runs) on one set of axes.",
+        description="Overlay several runs on one set of axes: their training curves "
+        "(`curves`: training loss and validation accuracy against epoch) or one plugin's "
+        "results (Lesion, NormRatio, GradientFlow, or any plugin with compare_runs).",
     )
-    parser.add_argument("plugin", help="the plugin whose results to compare, e.g. Lesion")
+    parser.add_argument(
+        "plugin", help="`curves`, or the plugin whose results to compare, e.g. Lesion"
+    )
     parser.add_argument(
         "runs", nargs="+", type=Path, help="run directories (they hold config.yaml)"
     )
@@ -32,9 +42,14 @@ def compare(args: list[str]) -> int:
     )
     options = parser.parse_args(args)
 
-    from skipnets.plugins import load_plugin
+    if options.plugin.lower() in CURVES:
+        from skipnets.history import History
 
-    plugin = load_plugin(options.plugin)
+        plugin: Any = History
+    else:
+        from skipnets.plugins import load_plugin
+
+        plugin = load_plugin(options.plugin)
     method = getattr(plugin, "compare_runs", None)
     if not callable(method):
         raise ConfigError(f"{plugin.__name__} has no comparison of runs (no compare_runs method)")
@@ -48,7 +63,8 @@ def compare(args: list[str]) -> int:
         runs[label] = directory
     options.out.mkdir(parents=True, exist_ok=True)
     written = method(runs, options.out)
-    print(f"skipnets compare: {plugin.__name__} of {len(runs)} runs")
+    what = "training curves" if plugin.__name__ == "History" else plugin.__name__
+    print(f"skipnets compare: {what} of {len(runs)} runs")
     for path in written:
         print(f"  {path}")
     return 0

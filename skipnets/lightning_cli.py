@@ -29,6 +29,7 @@ from skipnets.data import DataModule
 from skipnets.divergence import NonFiniteLossStop
 from skipnets.ema import EMA  # noqa: F401 - so `class_path: EMA` resolves
 from skipnets.errors import ConfigError, SkipnetsError
+from skipnets.history import History
 from skipnets.module import Classifier
 from skipnets.plugins import check_config_names, discover_plugins
 from skipnets.predictions import PredictionCSV
@@ -282,9 +283,13 @@ def _add_safety_arguments(parser: LightningArgumentParser) -> None:
 
 def _core_callbacks(config: Any) -> list[Any]:
     """The callbacks every run gets, on top of the config's own: the best checkpoint by
-    validation accuracy, a fresh last.ckpt, the resume state, the non-finite loss stop, and a
+    validation accuracy, a fresh last.ckpt, the resume state, the history of the training curves
+    (``history.csv``), the non-finite loss stop, and a
     progress bar that redraws on time (unless the config names its own)."""
-    callbacks: list[Any] = [RunState(allow_changes=bool(config.get("allow_resume_changes")))]
+    callbacks: list[Any] = [
+        RunState(allow_changes=bool(config.get("allow_resume_changes"))),
+        History(),
+    ]
     if config.trainer.get("enable_checkpointing") is not False:
         every = config.get("last_checkpoint_every_n_steps", DEFAULT_LAST_EVERY_N_STEPS)
         epochs = config.get("last_checkpoint_every_n_epochs", 1)

@@ -74,6 +74,12 @@ HE_2016B = Paper(
 HUANG_2016 = Paper(
     "Deep Networks with Stochastic Depth", "Huang, Sun, Liu, Sedra, Weinberger", 2016, "1603.09382"
 )
+VEIT_2016 = Paper(
+    "Residual Networks Behave Like Ensembles of Relatively Shallow Networks",
+    "Veit, Wilber, Belongie",
+    2016,
+    "1605.06431",
+)
 ZAGORUYKO_2016 = Paper("Wide Residual Networks", "Zagoruyko, Komodakis", 2016, "1605.07146")
 HUANG_2017 = Paper(
     "Densely Connected Convolutional Networks",

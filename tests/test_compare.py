@@ -70,3 +70,25 @@ def test_what_cannot_be_compared_is_one_line(runs, tmp_path: Path, capsys) -> No
     empty.mkdir()
     assert main(["compare", "Lesion", str(runs[0]), str(empty), "--out", str(tmp_path)]) == 2
     assert "no lesion results in: empty" in capsys.readouterr().err
+
+
+def test_training_curves_overlay_from_each_runs_history(runs, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert main(["compare", "curves", *map(str, runs), "--out", str(out)]) == 0
+    assert "skipnets compare: training curves of 2 runs" in capsys.readouterr().out
+    assert (out / "curves.png").stat().st_size > 0
+    with open(out / "curves.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for label, folder in zip(("plain_mlp depth 6", "residual_mlp depth 6"), runs):
+        with open(folder / "history.csv", newline="") as handle:
+            history = list(csv.DictReader(handle))
+        mine = [r for r in rows if r["run"] == label]
+        assert [(r["epoch"], r["train_loss"], r["val/acc"]) for r in mine] == [
+            (h["epoch"], h["train_loss"], h["val/acc"]) for h in history
+        ]
+    (runs[0] / "history.csv").rename(runs[0] / "history.csv.away")
+    try:
+        assert main(["compare", "curves", *map(str, runs)]) == 2
+        assert "no history.csv in: plain_mlp depth 6" in capsys.readouterr().err
+    finally:
+        (runs[0] / "history.csv.away").rename(runs[0] / "history.csv")

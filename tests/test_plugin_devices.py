@@ -19,10 +19,13 @@ import torch
 from conftest import quiet_trainer, run_skipnets
 from datagen import write_cifar10
 from skipnets_plugins.deconvnet import DeconvNet
+from skipnets_plugins.effective_paths import EffectivePaths
+from skipnets_plugins.feature_reuse import FeatureReuse
 from skipnets_plugins.gradient_flow import GradientFlow
 from skipnets_plugins.highway_gates import HighwayGates
 from skipnets_plugins.lesion import Lesion
 from skipnets_plugins.norm_ratio import NormRatio
+from skipnets_plugins.occlusion import Occlusion
 from skipnets_plugins.stochastic_depth import StochasticDepth
 
 from skipnets import Classifier
@@ -111,6 +114,8 @@ def test_residual_net_plugins_as_fit_callbacks(
         NormRatio(every_n_steps=1),
         GradientFlow(every_n_steps=1),
         StochasticDepth(survival_prob=0.5, rule="linear", drop_mode="sample"),
+        EffectivePaths(split="val", draws=2, max_samples=2),
+        Occlusion(samples=2, size=16, stride=8),
     ]
     trainer = _trainer(tmp_path, precision, callbacks)
     trainer.fit(_classifier("resnet20", data), datamodule=data)
@@ -125,6 +130,23 @@ def test_residual_net_plugins_as_fit_callbacks(
         assert "top_activations.csv" in written and "filters.png" in written
     assert (tmp_path / "norm_ratio" / "norm_ratio.csv").is_file()
     assert any((tmp_path / "gradient_flow").iterdir())
+    paths = _rows(tmp_path / "effective_paths" / "effective_paths.csv")
+    assert len(paths) == 10 and all(float(r["grad_norm"]) > 0 for r in paths)
+    # Two 32x32 images, a 16-pixel occluder every 8 pixels: 3 x 3 positions each.
+    assert len(_rows(tmp_path / "occlusion" / "occlusion.csv")) == 2 * 9
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_dense_net_plugins_as_fit_callbacks(
+    tmp_path: Path, cifar_root: Path, precision: str
+) -> None:
+    data = _data("DataLoader", cifar_root)
+    callbacks = [FeatureReuse(), EffectivePaths(split="val", draws=2, max_samples=2)]
+    trainer = _trainer(tmp_path, precision, callbacks)
+    model = _classifier("densenet", data, depth=10, growth_rate=2, bottleneck=True)
+    trainer.fit(model, datamodule=data)
+    assert len(_rows(tmp_path / "feature_reuse" / "feature_reuse.csv")) == 3 * 3
+    assert len(_rows(tmp_path / "effective_paths" / "effective_paths.csv")) == 3 + 1
 
 
 @pytest.mark.parametrize("kind", list(DATA))
@@ -224,6 +246,12 @@ def test_lesion_and_deconvnet_commands_on_the_device(
     assert main(["deconvnet", "--config", str(deconv), *common]) == 0
     assert (run / "deconvnet" / ckpt.stem / "top_activations.csv").is_file()
 
+    occlusion = _config(
+        tmp_path / "occlusion.yaml", run, kind, cifar_root, "Occlusion", "{size: 16, stride: 16}"
+    )
+    assert main(["analyse", "Occlusion", "--config", str(occlusion), *common]) == 0
+    assert (run / "occlusion" / ckpt.stem / "occlusion.png").is_file()
+
 
 def test_every_plugin_under_ddp_on_the_device_resident_data(tmp_path: Path, cifar_root: Path):
     """Two processes, each with its share of ``GPUCIFAR10``: every analysis reads its rank's
@@ -261,6 +289,10 @@ def test_every_plugin_under_ddp_on_the_device_resident_data(tmp_path: Path, cifa
                   init_args: {{every_n_steps: 1}}
                 - class_path: StochasticDepth
                   init_args: {{survival_prob: 0.8}}
+                - class_path: EffectivePaths
+                  init_args: {{split: val, draws: 2}}
+                - class_path: Occlusion
+                  init_args: {{samples: 3, size: 16, stride: 8}}
             test_after_fit: false
             """
         )
@@ -274,3 +306,9 @@ def test_every_plugin_under_ddp_on_the_device_resident_data(tmp_path: Path, cifa
     tops = _rows(next((run / "deconvnet").glob("*/top_activations.csv")))
     assert {int(r["sample"]) for r in tops} <= set(range(8))
     assert (run / "norm_ratio" / "norm_ratio.csv").is_file()
+    # Each rank drew one of the two paths per length on its half of the val split; merged.
+    paths = _rows(run / "effective_paths" / "effective_paths.csv")
+    assert {r["samples"] for r in paths} == {"2"}
+    # Rank zero alone occluded the three images (of both ranks' shares) and wrote them once.
+    rows = _rows(run / "occlusion" / "occlusion.csv")
+    assert [r["sample"] for r in rows] == [str(s) for s in range(3) for _ in range(9)]

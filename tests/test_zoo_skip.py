@@ -32,6 +32,7 @@ def image(model: nn.Module, batch: int = 2, size: int = 32) -> torch.Tensor:
 # Names whose forward and backward at a 32x32 input (ImageNet nets included) cost little.
 REAL = {
     "plain_cnn": {},
+    "residual_cnn": {"depth": 14},
     "resnet18": {},
     "resnet34": {},
     "resnet50": {},

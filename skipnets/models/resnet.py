@@ -121,6 +121,13 @@ for depth in (20, 32, 44, 56, 110, 1202):
     register_model(variant(f"resnet{depth}", cifar_resnet, summary, depth=depth), **_cifar)
 
 
+@register_model(**_cifar)
+def residual_cnn(depth: int = 20, num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    """The CIFAR ResNet at any depth ``6n + 2`` (``resnet20`` ... are its table depths):
+    ``plain_cnn``'s counterpart with option-A shortcuts, for studies across depth."""
+    return cifar_resnet(depth, num_classes, in_channels)
+
+
 @register_model(family="plain", paper=HE_2016, input=ImageInput(3, 32), has_skip=False)
 def plain_cnn(depth: int = 20, num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     """The plain-20/32/44/56/110 nets of He et al. 2016 Fig. 6: the CIFAR ResNet without shortcuts."""

@@ -17,8 +17,15 @@ difference ``t * (h - x)`` and the residual ``combine`` adds it, so dropping or 
 branch means the same thing for every kind.
 
 Plugins never look at a family; they set ``survival_prob``/``drop_mode``/``scaling``,
-``lesioned``, or attach an observer that sees ``x`` and ``branch(x)`` of each forward. With none
-of these in use, ``forward`` takes a fast path that costs what a hand-written block costs.
+``lesioned``, ``gradient_path``, or attach an observer that sees ``x`` and ``branch(x)`` of each
+forward. With none of these in use, ``forward`` takes a fast path that costs what a hand-written
+block costs.
+
+``gradient_path`` leaves the forward values as they are and chooses the path the backward pass
+takes through the block: ``branch`` or ``shortcut`` detaches the other path's output before
+``combine``, so the gradient reaching ``x`` is the part that flowed through the chosen path (Veit
+et al. 2016 sample the paths of a residual net this way); a boolean tensor chooses per sample.
+Both parts add up to the gradient of the intact block.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ Observer = Callable[["SkipBlock", Tensor, Tensor], None]
 Kind = Literal["residual", "highway", "dense", "plain"]
 DropMode = Literal["batch", "sample"]
 Scaling = Literal["test", "inverted"]
+GradientPath = Literal["both", "branch", "shortcut"]
 
 #: The parts of a block that are methods: assigning a module to one of these names is a mistake.
 _METHODS = frozenset({"branch", "shortcut", "combine", "bypass"})
@@ -91,6 +99,9 @@ class SkipBlock(nn.Module):
         #: shortcut to fall back on (a plain downsampling layer): they cannot be lesioned.
         self.bypassable = True
         self._lesioned = False
+        self._gradient_path: GradientPath | Tensor = "both"
+        # Lesioned or a gradient path chosen: one flag, so that the fast path checks no more.
+        self._altered = False
         self._observers: OrderedDict[int, Observer] = OrderedDict()
 
     # -- what subclasses define -------------------------------------------------------------
@@ -131,6 +142,37 @@ class SkipBlock(nn.Module):
                 "it cannot be lesioned"
             )
         self._lesioned = bool(value)
+        self._altered = self._lesioned or self._routed
+
+    @property
+    def gradient_path(self) -> GradientPath | Tensor:
+        """The path the backward pass takes: ``both`` (the default), or only the ``branch`` or
+        only the ``shortcut``, the other one's output being detached; or a 1-D boolean tensor on
+        the activations' device, one entry per sample of the batch (``True``: the branch), for
+        a path per sample. The forward values do not change. It applies while the branch runs;
+        a block without it (lesioned, or dropped by stochastic depth) passes the gradient
+        through its identity path as always."""
+        return self._gradient_path
+
+    @gradient_path.setter
+    def gradient_path(self, value: GradientPath | Tensor) -> None:
+        if isinstance(value, Tensor):
+            if value.dtype != torch.bool or value.ndim != 1:
+                raise ConfigError(
+                    "a per-sample gradient_path is a 1-D boolean tensor (True: the branch), "
+                    f"not a {value.dtype} tensor of shape {tuple(value.shape)}"
+                )
+        elif value not in ("both", "branch", "shortcut"):
+            raise ConfigError(
+                f"gradient_path must be 'both', 'branch' or 'shortcut', not {value!r}"
+            )
+        self._gradient_path = value
+        self._altered = self._lesioned or self._routed
+
+    @property
+    def _routed(self) -> bool:
+        route = self._gradient_path
+        return not (isinstance(route, str) and route == "both")
 
     @property
     def observed(self) -> bool:
@@ -152,7 +194,7 @@ class SkipBlock(nn.Module):
         return handle
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (self._lesioned or self._observers or self.survival_prob < 1.0):
+        if not (self._altered or self._observers or self.survival_prob < 1.0):
             return self.combine(self.shortcut(x), self.branch(x))
         return self._forward_general(x)
 
@@ -182,6 +224,17 @@ class SkipBlock(nn.Module):
                 out = out * p
         for observer in tuple(self._observers.values()):
             observer(self, x, out)
+        route = self._gradient_path
+        if isinstance(route, Tensor):
+            # torch.where keeps every value and lets each sample's gradient through one side.
+            take_branch = route.view(-1, *(1,) * (out.ndim - 1))
+            out = torch.where(take_branch, out, out.detach())
+            take_branch = route.view(-1, *(1,) * (shortcut.ndim - 1))
+            shortcut = torch.where(take_branch, shortcut.detach(), shortcut)
+        elif route == "branch":
+            shortcut = shortcut.detach()
+        elif route == "shortcut":
+            out = out.detach()
         return self.combine(shortcut, out)
 
     def extra_repr(self) -> str:
@@ -190,6 +243,9 @@ class SkipBlock(nn.Module):
             extras.append(f"survival_prob={self.survival_prob:.3g}, drop_mode={self.drop_mode}")
         if self._lesioned:
             extras.append("lesioned=True")
+        if self._routed:
+            route = self._gradient_path
+            extras.append(f"gradient_path={route if isinstance(route, str) else 'per sample'}")
         return ", ".join(extras)
 
 
