@@ -1,0 +1,66 @@
+"""The schedule shared by the plugins that measure a network as it is at a few moments: when
+``fit`` starts, every few epochs, when training ends, and on a checkpoint (``skipnets
+analyse``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+
+from skipnets_plugins._plotting import log_rows
+
+
+class MeasuredAtMilestones(Callback):
+    """Calls :meth:`measure` with ``when``: ``init`` as ``fit`` starts (not when it resumes: the
+    weights are not the initial ones then), ``epoch<E>`` after every ``every_n_epochs`` training
+    epochs (0: never), ``trained`` when training ends, and ``checkpoint`` in a standalone
+    validation (``skipnets analyse``), which starts the rows afresh. The rows (one per
+    measurement, :attr:`columns`) are kept in checkpoints and logged to W&B as the table
+    :attr:`table` from rank zero when training ends and after a checkpoint's measurement."""
+
+    #: The W&B table the rows are logged to, and their columns.
+    table: str
+    columns: tuple[str, ...]
+
+    def __init__(self, every_n_epochs: int = 0) -> None:
+        super().__init__()
+        self.every_n_epochs = every_n_epochs
+        self.rows: list[dict[str, Any]] = []
+
+    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule, when: str) -> Any:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget what was measured (a checkpoint's analysis starts afresh)."""
+        self.rows = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": list(self.rows)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = list(state_dict.get("rows", []))
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.ckpt_path or any(r["when"] == "init" for r in self.rows):
+            return  # resumed: these weights are not the initial ones
+        self.measure(trainer, pl_module, "init")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        n = self.every_n_epochs
+        if n and (trainer.current_epoch + 1) % n == 0:
+            self.measure(trainer, pl_module, f"epoch{trainer.current_epoch}")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.measure(trainer, pl_module, "trained")
+        if trainer.is_global_zero:
+            log_rows(trainer, self.table, self.columns, self.rows)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking:
+            self.reset()
+            self.measure(trainer, pl_module, "checkpoint")
+            if trainer.is_global_zero:
+                log_rows(trainer, self.table, self.columns, self.rows)
