@@ -35,5 +35,7 @@ format: install
 bench: install
 	$(PY) -m benchmarks
 
+# What runs leave in the clone: run folders (checkpoints, predictions, analyses, studies, W&B
+# files), `skipnets compare`'s default output, the test cache. Downloaded datasets (data/) stay.
 clean:
-	rm -rf runs lightning_logs wandb .pytest_cache
+	rm -rf runs lightning_logs wandb comparisons .pytest_cache

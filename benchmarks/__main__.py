@@ -1,11 +1,14 @@
 """``python -m benchmarks`` (``make bench``): every benchmark, one table.
 
     python -m benchmarks                       # all of them (minutes on a small CPU)
-    python -m benchmarks --quick               # fewer steps and repeats: a smoke run
+    python -m benchmarks --quick               # all of them, fewer steps, one repeat: a check
+                                               # that every benchmark runs, not a measurement
     python -m benchmarks --only fit,skip       # some of them
     python -m benchmarks --markdown            # the table as Markdown, for the README
     python -m benchmarks --only gpu            # skipnets fit against a hand-written loop on a GPU
                                                # (more options: python -m benchmarks.bench_gpu -h)
+    python -m benchmarks --only quickstart     # `skipnets fit` of the quickstart against the same
+                                               # job by hand, whole processes (minutes)
 
 Each benchmark runs in its own process, so its peak resident memory is its own; inside it the
 skipnets side and its baseline alternate, and the ratio is skipnets over baseline (higher is
@@ -31,6 +34,7 @@ BENCHMARKS = {
     "norm_ratio": "benchmarks.bench_norm_ratio",
     "data": "benchmarks.bench_data",
     "gpu": "benchmarks.bench_gpu",
+    "quickstart": "benchmarks.bench_quickstart",
 }
 
 
@@ -118,7 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--quick", action="store_true", help="fewer steps and repeats")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="each benchmark with fewer steps and one repeat instead of several (gpu: 3 epochs, "
+        "without the fresh-process runs): a check that every benchmark runs; its figures are "
+        "too noisy to hold against the targets",
+    )
     parser.add_argument(
         "--only", default="", help=f"comma-separated subset of {','.join(BENCHMARKS)}"
     )
@@ -170,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row for row in rows if not row.get("skipped")]
     if rows:
         print(f"\nmachine: {_machine()}")
+        if args.quick:
+            print("--quick: fewer steps and one repeat each; not figures to compare")
         print(_table(rows, args.markdown))
     return 0
 

@@ -2,18 +2,30 @@
 
 from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from skipnets.errors import ConfigError, SkipnetsError, UnknownModelError
-from skipnets.registry import create_model, list_models, model_info, register_model
+
+if TYPE_CHECKING:
+    from skipnets.module import Classifier
+    from skipnets.registry import create_model, list_models, model_info, register_model
+    from skipnets.segmentation import Segmenter
 
 try:
     __version__ = version("skipnets")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
-# The Lightning parts load on first use, so `import skipnets` stays light for model-only users.
-_LAZY = {"Classifier": "skipnets.module", "Segmenter": "skipnets.segmentation"}
+# Everything that needs torch loads on first use: `import skipnets` (and so the `skipnets`
+# command, before it knows what it will run) stays light, and model-only users never load
+# Lightning.
+_LAZY = {
+    "Classifier": "skipnets.module",
+    "Segmenter": "skipnets.segmentation",
+    **dict.fromkeys(
+        ("create_model", "list_models", "model_info", "register_model"), "skipnets.registry"
+    ),
+}
 
 __all__ = [
     "Classifier",

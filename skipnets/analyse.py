@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -91,11 +92,15 @@ def _run_validate(plugin: type, command: str, args: list[str]) -> None:
             self.trainer.callbacks = (configured or [plugin()])[:1] + bars
 
     # No logger (no new W&B run, nothing in the trained run's W&B folder) and no saved config:
-    # the trained run's config.yaml and run.json stay the ones its training wrote.
-    AnalyseCLI(
-        args=["validate", *args, "--trainer.logger=false"],
-        save_config_callback=None,
-    )
+    # the trained run's config.yaml and run.json stay the ones its training wrote. The checkpoint
+    # holds the state of every callback the run trained with, and this validate leaves them out
+    # on purpose: Lightning's advice to add them back says nothing here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`")
+        AnalyseCLI(
+            args=["validate", *args, "--trainer.logger=false"],
+            save_config_callback=None,
+        )
 
 
 def _option(args: list[str], name: str) -> str | None:

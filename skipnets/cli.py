@@ -22,8 +22,18 @@ USER_ERROR = 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    explicit = argv is not None
+    """Run the command ``argv`` (default: this process's command line) and return its exit
+    status. Called without ``argv``, as the ``skipnets`` command is, the command owns its process:
+    W&B loads first when the run will use it (:func:`_preload_wandb`), and the process ends as
+    soon as the command is done (:func:`_exit_now`)."""
+    if argv is not None:
+        return _main(list(argv), explicit=True)
+    args = sys.argv[1:]
+    _preload_wandb(args)
+    return _exit_now(_main(args, explicit=False))
+
+
+def _main(args: list[str], explicit: bool) -> int:
     commands: dict[str, Callable[[list[str]], int]] = {
         "models": _models_command,
         "plugins": _plugins_command,
@@ -56,6 +66,93 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = message or _with_suggestion(str(cause))
         print(f"skipnets: error: {message}", file=sys.stderr)
         return getattr(cause, "exit_code", USER_ERROR)
+
+
+_TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _preload_wandb(args: list[str]) -> None:
+    """Import W&B, with the part of it that ``wandb.init`` imports, before torch and Lightning,
+    when this command is a run that will start W&B (the default logger), so that the import costs
+    a tenth of what it costs later: W&B's pydantic models look for their own source as their
+    classes are defined, and ``inspect`` searches every loaded module for each frame it checks
+    (on this package's quickstart, over a second of CPU once torch and Lightning are loaded).
+    Only saves time: a run that turns out not to use W&B merely imported it."""
+    if not _will_use_wandb(args):
+        return
+    import importlib
+
+    try:
+        importlib.import_module("wandb.sdk.launch.inputs.internal")
+    except Exception:  # another W&B version lays itself out otherwise: nothing to save
+        return
+
+
+def _will_use_wandb(args: list[str]) -> bool:
+    """Whether ``skipnets ARGS`` trains or evaluates with W&B, judged from the command line and
+    the config files it names (the default logger, or one a config names)."""
+    import importlib.util
+
+    if (
+        not args
+        or args[0] not in _TRAINER_COMMANDS
+        or {"-h", "--help", "--print_config"} & {arg.partition("=")[0] for arg in args}
+    ):
+        return False
+    if os.environ.get("WANDB_MODE", "").lower() == "disabled":
+        return False
+    if importlib.util.find_spec("wandb") is None:
+        return False
+    chosen = [str(value) for value in _logger_settings(args)]
+    return all("wandb" in value.lower() for value in chosen)
+
+
+def _logger_settings(args: list[str]) -> list[object]:
+    """The ``trainer.logger`` values that ``args`` and the config files they name set."""
+    import yaml
+
+    values: list[object] = []
+    for flag, value in zip(args, [*args[1:], ""]):
+        name, equals, inline = flag.partition("=")
+        value = inline if equals else value
+        if name.startswith("--trainer.logger"):
+            values.append(value)
+        elif name in ("--config", "-c"):
+            try:
+                with open(value) as handle:
+                    config = yaml.safe_load(handle)
+            except (OSError, yaml.YAMLError):
+                continue
+            trainer = config.get("trainer") if isinstance(config, dict) else None
+            if isinstance(trainer, dict) and "logger" in trainer:
+                values.append(trainer["logger"])
+    return values
+
+
+def _exit_now(code: int) -> int:
+    """End the process with ``code`` once the command is done, as the interpreter would (other
+    threads finished, ``atexit`` handlers run, output flushed) but without its clean-up of every
+    loaded module, which after a run with torch and Lightning costs seconds of CPU and does
+    nothing a finished command needs. Returns ``code`` instead, for a normal exit, while another
+    (non-daemon) thread still runs, and in Python's development mode (``-X dev``), which reports
+    unclosed resources during that clean-up."""
+    import atexit
+    import contextlib
+    import threading
+
+    run_exit_functions = getattr(atexit, "_run_exitfuncs", None)
+    others = [
+        thread
+        for thread in threading.enumerate()
+        if thread is not threading.main_thread() and not thread.daemon and thread.is_alive()
+    ]
+    if run_exit_functions is None or others or sys.flags.dev_mode:
+        return code
+    run_exit_functions()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, OSError, ValueError):  # none, a closed pipe
+            stream.flush()
+    os._exit(code)
 
 
 def _stopped(stop: SystemExit) -> int:
@@ -323,7 +420,10 @@ COMMANDS = (
     ("models", "list the registered architectures, with parameter counts and papers"),
     ("plugins", "list the installed plugins (research callbacks), and any that failed to load"),
     ("analyse", "run an analysis plugin on a trained checkpoint, into the run that trained it"),
-    ("compare", "overlay runs' training curves, or one plugin's results, on one set of axes"),
+    (
+        "compare",
+        "overlay runs' training curves, or one plugin's results, on one set of axes",
+    ),
     ("study", "run a grid of fits from one study file and draw its figure (depth studies)"),
     ("lesion", "skipnets analyse Lesion: each skip block removed in turn"),
     ("deconvnet", "skipnets analyse DeconvNet: top activations projected to pixel space"),

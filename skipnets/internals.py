@@ -1,4 +1,5 @@
-"""The private parts of Lightning, torch and torchvision that skipnets relies on, in one place.
+"""The private parts of Lightning, torch, torchvision and W&B that skipnets relies on, in one
+place.
 
 Each is used only where no public API does the job. Each entry says where it is used, why, and
 which test runs that path; ``tests/test_internals.py`` checks that every one still exists in the
@@ -53,6 +54,18 @@ def _batch_progress() -> bool:
     return hasattr(loop.batch_progress.current, "ready")
 
 
+def _wandb_run_file() -> bool:
+    import wandb
+    from wandb.proto import wandb_internal_pb2
+
+    history = wandb_internal_pb2.Record.DESCRIPTOR.fields_by_name.get("history")
+    return (
+        "x_transaction_log_flush_interval" in wandb.Settings.model_fields
+        and history is not None
+        and "step" in wandb_internal_pb2.HistoryRecord.DESCRIPTOR.fields_by_name
+    )
+
+
 PRIVATE_APIS: tuple[PrivateAPI, ...] = (
     PrivateAPI(
         "LightningCLI._parse_ckpt_path",
@@ -71,6 +84,15 @@ PRIVATE_APIS: tuple[PrivateAPI, ...] = (
         "the instantiated model and the W&B run finished with the command's exit status",
         "tests/test_wandb.py",
         _has("lightning.pytorch.cli:LightningCLI", "_run_subcommand"),
+    ),
+    PrivateAPI(
+        "ModelCheckpoint._update_best_and_save, best_k_models, kth_best_model_path",
+        "skipnets.checkpoints.BestCheckpoint",
+        "the best checkpoint's score is recorded there, and a tie in validation accuracy is "
+        "broken by the validation loss of the checkpoint it would replace, which Lightning "
+        "keeps nowhere public",
+        "tests/test_fault_tolerance.py",
+        _has("lightning.pytorch.callbacks:ModelCheckpoint", "_update_best_and_save"),
     ),
     PrivateAPI(
         "ModelCheckpoint._save_last_checkpoint, _monitor_candidates, _every_n_train_steps, "
@@ -123,5 +145,17 @@ PRIVATE_APIS: tuple[PrivateAPI, ...] = (
         "AveragedModel use); a Python loop over tensors would cost a kernel launch each",
         "tests/test_airbench.py",
         lambda: _has("torch:", "_foreach_lerp_")() and _has("torch:", "_foreach_copy_")(),
+    ),
+    PrivateAPI(
+        "wandb Settings.x_transaction_log_flush_interval, the .wandb file's record format",
+        "skipnets.checkpoints.wandb_history_on_disk, with_wandb_flush_interval",
+        "W&B's service writes what a run logs into the run's .wandb file only when a 32 KiB "
+        "block fills, every x_transaction_log_flush_interval seconds (an x_ setting: W&B's "
+        "experimental ones; 15 by default) and when the run finishes, and no call, public or "
+        "private, asks it to write. skipnets sets the interval for the runs its CLI starts and, "
+        "before a checkpoint goes into place, reads the file (a LevelDB-style log of "
+        "wandb.proto Records) until it holds the step that run.step says was logged last",
+        "tests/test_wandb.py",
+        _wandb_run_file,
     ),
 )

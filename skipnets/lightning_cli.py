@@ -18,12 +18,14 @@ from lightning.pytorch.utilities import rank_zero_only
 from skipnets.allocator import keep_freed_memory
 from skipnets.checkpoints import (
     DEFAULT_LAST_EVERY_N_STEPS,
+    BestCheckpoint,
     LastCheckpoint,
     check_checkpoint,
     find_best_checkpoint,
     find_last_checkpoint,
     install_atomic_checkpoints,
     read_checkpoint,
+    with_wandb_flush_interval,
 )
 from skipnets.data import DataModule
 from skipnets.divergence import NonFiniteLossStop
@@ -34,7 +36,7 @@ from skipnets.module import Classifier
 from skipnets.plugins import check_config_names, discover_plugins
 from skipnets.predictions import PredictionCSV
 from skipnets.progress import TimedProgressBar
-from skipnets.quiet import VERBOSE_ENV, quiet_frameworks
+from skipnets.quiet import VERBOSE_ENV, quiet_frameworks, quiet_wandb
 from skipnets.resume import RunState
 from skipnets.runs import run_dir, wandb_has_credentials, wandb_run_info, write_run_record
 from skipnets.segmentation import Segmenter  # noqa: F401 - so `class_path: Segmenter` resolves
@@ -55,12 +57,32 @@ class SaveRunConfig(SaveConfigCallback):
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         path = run_dir(trainer) / self.config_filename
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.parser.save(self.config, str(path), skip_none=False, overwrite=True, multifile=False)
+        dump = {**_keep_nulls(), **_checked_when_parsed(self.parser)}
+        self.parser.save(self.config, str(path), overwrite=True, multifile=False, **dump)
         record = write_run_record(trainer, pl_module)
         if trainer.logger is not None:
-            info = {"config": self.parser.dump(self.config, skip_none=False, format="json")}
+            info = {"config": self.parser.dump(self.config, format="json", **dump)}
             info.update({k: v for k, v in record.items() if k != "wandb"})
             trainer.logger.log_hyperparams(info)
+
+
+def _checked_when_parsed(parser: LightningArgumentParser) -> dict[str, bool]:
+    # The config was checked as it was parsed: checking it again for each file written from it
+    # costs more than the writing (jsonargparse 4.35 renamed skip_check to skip_validation).
+    return {"skip_validation" if _jsonargparse_at_least(4, 35) else "skip_check": True}
+
+
+def _keep_nulls() -> dict[str, bool]:
+    # A null that overrides a default (Digits' image_size: null) must stay in the saved config.
+    # jsonargparse 4.49 renamed skip_none to skip_unset; the old name warns, and goes in 5.0.
+    return {"skip_unset" if _jsonargparse_at_least(4, 49) else "skip_none": False}
+
+
+def _jsonargparse_at_least(major: int, minor: int) -> bool:
+    import jsonargparse
+
+    version = tuple(int(part) for part in jsonargparse.__version__.split(".")[:2])
+    return version >= (major, minor)
 
 
 class SkipnetsCLI(LightningCLI):
@@ -73,9 +95,16 @@ class SkipnetsCLI(LightningCLI):
             os.environ.setdefault("WANDB_QUIET", "true")
         # Plugins are imported before parsing, so that a config can name them by class name.
         discover_plugins()
-        check_config_names(sys.argv[1:] if args is None else args)
+        given = sys.argv[1:] if args is None else args
+        check_config_names(given)
+        self._subcommand = given[0] if isinstance(given, list) and given else None
         kwargs.setdefault("trainer_defaults", _trainer_defaults())
         kwargs.setdefault("save_config_callback", SaveRunConfig)
+        # Lightning's support for `Classifier.load_from_checkpoint` of a subclass dumps the whole
+        # config once more before building the model, to record it as the hyperparameters of
+        # modules that save all of theirs; skipnets' modules record their own, and a checkpoint
+        # is always loaded into the model the config builds.
+        kwargs.setdefault("load_from_checkpoint_support", False)
         super().__init__(
             model_class=Classifier,
             datamodule_class=DataModule,
@@ -96,6 +125,13 @@ class SkipnetsCLI(LightningCLI):
             args=args,
             **kwargs,
         )
+
+    def subcommands(self) -> dict[str, set[str]]:  # type: ignore[override]
+        """The subcommand the command line names, alone, when it names one: each subcommand's
+        parser costs a fraction of a second of CPU to build, and a run uses one."""
+        every = LightningCLI.subcommands()
+        wanted = getattr(self, "_subcommand", None)
+        return {wanted: every[wanted]} if wanted in every else every
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # LightningCLI's own `optimizer:` / `lr_scheduler:` entries, handed to the module, which
@@ -131,6 +167,9 @@ class SkipnetsCLI(LightningCLI):
             init = logger.init_args
             if init.get("save_dir") in (None, ".", ""):
                 init.save_dir = str(root)
+            # W&B writes the run's file often, so that each checkpoint can wait for the metrics
+            # it covers to be in it; the settings keep only what the config gave.
+            init.settings = with_wandb_flush_interval(init.get("settings"))
             if (
                 "WANDB_MODE" not in os.environ
                 and not init.get("offline")
@@ -159,6 +198,7 @@ class SkipnetsCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand in ("fit", "validate", "test", "predict"):
             _check_checkpoint_fits(self.config[subcommand], self.model)
+            quiet_wandb(self.trainer)
         try:
             super()._run_subcommand(subcommand)
         except BaseException as err:
@@ -189,7 +229,13 @@ class SkipnetsCLI(LightningCLI):
         ):
             checkpoint = self.trainer.checkpoint_callback
             best = getattr(checkpoint, "best_model_path", "") if checkpoint else ""
-            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+            # Lightning's own table is left out: the summary below ends with the same metrics.
+            results = self.trainer.test(
+                self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False
+            )
+            tested = f"the best checkpoint, {Path(best).name}" if best else "the last weights"
+            _report(self.trainer, (tested, results[0] if results else {}))
+            return
         _report(self.trainer)
 
 
@@ -249,6 +295,9 @@ def _trainer_defaults() -> dict[str, Any]:
     return {
         "logger": {"class_path": WANDB_LOGGER, "init_args": {"project": "skipnets"}},
         "callbacks": [],  # filled by _core_callbacks once the config is parsed
+        # Not the working directory, Lightning's default: run from a clone's root, the run
+        # directory `<root>/skipnets/<run id>` would land inside the package's source.
+        "default_root_dir": "runs",
     }
 
 
@@ -283,7 +332,7 @@ def _add_safety_arguments(parser: LightningArgumentParser) -> None:
 
 def _core_callbacks(config: Any) -> list[Any]:
     """The callbacks every run gets, on top of the config's own: the best checkpoint by
-    validation accuracy, a fresh last.ckpt, the resume state, the history of the training curves
+    validation accuracy (ties to the lower validation loss), a fresh last.ckpt, the resume state, the history of the training curves
     (``history.csv``), the non-finite loss stop, and a
     progress bar that redraws on time (unless the config names its own)."""
     callbacks: list[Any] = [
@@ -294,7 +343,7 @@ def _core_callbacks(config: Any) -> list[Any]:
         every = config.get("last_checkpoint_every_n_steps", DEFAULT_LAST_EVERY_N_STEPS)
         epochs = config.get("last_checkpoint_every_n_epochs", 1)
         last = LastCheckpoint(every, every_n_epochs=epochs)
-        callbacks[:0] = [ModelCheckpoint(monitor="val/acc", mode="max"), last]
+        callbacks[:0] = [BestCheckpoint(monitor="val/acc", mode="max"), last]
     if config.get("stop_on_nonfinite_loss", True):
         callbacks.append(NonFiniteLossStop())
     if config.trainer.get("enable_progress_bar") is not False and not _names_progress_bar(config):
@@ -394,6 +443,12 @@ def _check_sync_batchnorm(trainer: Trainer, config: Any) -> None:
         )
 
 
+def _metric_table(metrics: dict[str, float], indent: int) -> list[str]:
+    """One line per metric, names aligned, values to four decimals."""
+    width = max(len(name) for name in metrics)
+    return [f"{' ' * indent}{name:<{width}}  {float(value):.4f}" for name, value in metrics.items()]
+
+
 def _finish_wandb(exit_code: int) -> None:
     """End this process's W&B run, so that the next run in the same process gets its own."""
     wandb = sys.modules.get("wandb")
@@ -406,8 +461,9 @@ def _has_test_split(datamodule: Any) -> bool:
 
 
 @rank_zero_only
-def _report(trainer: Trainer) -> None:
-    """Tell the user where the run's files are."""
+def _report(trainer: Trainer, test: tuple[str, dict[str, float]] | None = None) -> None:
+    """Tell the user where the run's files are and, after a test, its metrics: ``test`` is what
+    was tested and the metrics Lightning returned."""
     directory = run_dir(trainer)
     lines = [f"\nRun directory: {directory}"]
     checkpoint = trainer.checkpoint_callback
@@ -427,6 +483,9 @@ def _report(trainer: Trainer) -> None:
             lines.append(f"    last: {last[0].name} (resume with --ckpt_path last)")
     if (directory / "config.yaml").exists():
         lines.append(f"  config: {directory / 'config.yaml'}")
+    if test is not None and test[1]:
+        lines.append(f"  test, with {test[0]}:")
+        lines += _metric_table(test[1], indent=4)
     wandb_info = wandb_run_info(trainer)
     if wandb_info and wandb_info.get("sync"):
         lines.append(f"  W&B (offline): {wandb_info['folders'][-1]}")

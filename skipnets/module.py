@@ -228,6 +228,37 @@ class Classifier(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
+    @property
+    def example_input_array(self) -> Any:
+        """One all-zero input of ``input_shape`` (batch of one), in the network's floating-point
+        dtype and on its device; ``None`` without an ``input_shape``. Lightning's model summary
+        runs it to count the FLOPs of a forward pass (in evaluation mode, without gradients),
+        which ``skipnets.info`` counts the same way. A value assigned to it is used instead.
+        ``None`` for a compiled network (``compile``): a batch of one would compile it once more,
+        for that shape, before the first training step."""
+        if self._example_input_array is not None:
+            return self._example_input_array
+        shape = self.hparams.get("input_shape")
+        if not shape or self._compile_options is not None:
+            return None
+        # The dtype the network holds now: a float64 or bf16 ("true" precision) model gets an
+        # input it can take, as a batch converted by the precision plugin would be.
+        reference = next(
+            (
+                p
+                for p in self.model.parameters()
+                if p.is_floating_point() and not isinstance(p, nn.parameter.UninitializedParameter)
+            ),
+            None,
+        )
+        if reference is None:
+            return torch.zeros(1, *shape)
+        return torch.zeros(1, *shape, dtype=reference.dtype, device=reference.device)
+
+    @example_input_array.setter
+    def example_input_array(self, example: Any) -> None:
+        self._example_input_array = example
+
     def _step(self, batch: tuple[Tensor, Tensor], split: str) -> Tensor:
         x, y = batch
         logits = self.model(x) if split == "train" else self._evaluate(x)

@@ -3,16 +3,23 @@ user nothing, filtered one by one by their exact text.
 
 Only these lines go; a user's own warnings and the frameworks' real problems still show.
 ``SKIPNETS_VERBOSE=1`` shows everything.
+
+Lightning's lines (its log and its Python warnings) are listed in :data:`NOISE`; W&B prints its
+own straight to the terminal (``wandb.termwarn``), and its lines are listed in
+:data:`WANDB_NOISE`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
 import warnings
+from pathlib import Path
+from typing import Any
 
-__all__ = ["NOISE", "VERBOSE_ENV", "quiet_frameworks"]
+__all__ = ["NOISE", "VERBOSE_ENV", "WANDB_NOISE", "quiet_frameworks", "quiet_wandb"]
 
 VERBOSE_ENV = "SKIPNETS_VERBOSE"
 
@@ -40,6 +47,19 @@ NOISE: tuple[tuple[str, str], ...] = (
     (
         r"isinstance\(treespec, LeafSpec\)` is deprecated",
         "inside Lightning's own code, nothing a user can change",
+    ),
+    (
+        r"Precision (16|bf16)-mixed is not supported by the model summary",
+        "mixed precision keeps the weights in float32, the size the summary then shows",
+    ),
+)
+
+#: Each: a warning W&B prints on every run that says nothing to a skipnets user, and why.
+WANDB_NOISE: tuple[tuple[str, str], ...] = (
+    (
+        r"^The anonymous setting has no effect and will be removed",
+        "Lightning's WandbLogger passes W&B's retired `anonymous` argument on every run, whatever "
+        "the config says; no setting of the logger leaves it out",
     ),
 )
 
@@ -70,3 +90,37 @@ def quiet_frameworks() -> None:
                 handler.addFilter(drop)
     for pattern, _ in NOISE:
         warnings.filterwarnings("ignore", message=f".*{pattern}")
+
+
+def quiet_wandb(trainer: Any) -> None:
+    """Before a run starts W&B: give each of the trainer's W&B loggers its folder, and filter
+    the lines of :data:`WANDB_NOISE` from W&B's terminal warnings (unless ``SKIPNETS_VERBOSE``
+    is set). Does nothing for a trainer without a W&B logger; safe to call more than once.
+
+    W&B looks for the git checkout of the run from its folder and warns ``git root ... does not
+    exist`` when the folder is not there yet (a first run into a new ``default_root_dir``); the
+    folder is created here, after every check of the config and checkpoint has passed, so that
+    W&B records the checkout of the folder the run writes in, as it does on a second run.
+    """
+    from lightning.pytorch.loggers import WandbLogger
+
+    loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+    for logger in loggers:
+        if logger.save_dir:
+            Path(logger.save_dir).mkdir(parents=True, exist_ok=True)
+    if not loggers or os.environ.get(VERBOSE_ENV) or trainer.global_rank != 0:
+        return  # W&B starts on rank zero only
+    import wandb
+
+    if getattr(wandb.termwarn, "skipnets_quiet", False):
+        return
+    patterns = [re.compile(pattern) for pattern, _ in WANDB_NOISE]
+    termwarn = wandb.termwarn
+
+    @functools.wraps(termwarn)
+    def filtered(string: str, *args: Any, **kwargs: Any) -> None:
+        if not any(pattern.search(str(string)) for pattern in patterns):
+            termwarn(string, *args, **kwargs)
+
+    filtered.skipnets_quiet = True  # type: ignore[attr-defined]
+    wandb.termwarn = filtered

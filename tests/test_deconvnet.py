@@ -62,6 +62,9 @@ def test_projection_equals_hand_written_chain(method):
     torch.testing.assert_close(mine, expected, rtol=1e-5, atol=1e-6)
 
 
+# captum's own notes on what it does to the input and the ReLUs while it attributes.
+@pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require gradients")
+@pytest.mark.filterwarnings("ignore:Setting backward hooks on ReLU activations")
 def test_projection_agrees_with_captum():
     net = small_net()
     x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
@@ -191,6 +194,7 @@ def test_callback_finds_the_top_activations_and_draws(tmp_path):
         assert {int(r["channel"]) for r in mine} == set(strongest.tolist())
 
 
+@pytest.mark.filterwarnings("ignore:DeconvNet. Net has no max pooling:UserWarning")  # on purpose
 def test_named_layers_channels_and_errors(tmp_path):
     callback = DeconvNet(
         layers=["blocks.1"], channels=[0, 5], methods=["deconvnet"], refinement_stage=-1, top_k=3

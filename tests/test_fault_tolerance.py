@@ -1,8 +1,10 @@
-"""Runs survive faults: SIGKILL and resume, a kill while saving, a diverging loss, bad checkpoints."""
+"""Runs survive faults: SIGKILL at random steps and resume, SIGTERM, a kill while saving, a full
+disk, two runs into one directory, a diverging loss, bad checkpoints."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import signal
@@ -10,11 +12,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import ROOT, run_skipnets
+from run_probes import wandb_records
 
 from skipnets.cli import main
 from skipnets.data import TwoSpirals
@@ -26,6 +30,7 @@ if str(ROOT) not in sys.path:  # the runs name probe callbacks as tests.run_prob
 # 194 training points in batches of 40: 5 steps per epoch, 20 in all. Noise drawn from the
 # global RNG on every batch and a cosine schedule make any slip in resuming show in the weights.
 EVERY = 3
+STEPS_PER_EPOCH, TOTAL = 5, 20
 RUN = [
     "fit",
     "--seed_everything=0",
@@ -82,36 +87,123 @@ def _fit(root: Path, *extra: str):
     return run_skipnets(*RUN, f"--trainer.default_root_dir={root}", *extra)
 
 
-def test_killed_runs_resume_to_the_same_weights(tmp_path: Path) -> None:
-    reference = _fit(tmp_path / "reference")
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """The weights RUN ends with when nothing stops it: what every interrupted run must match."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    reference = _fit(root)
     assert reference.returncode == 0, reference.stderr[-3000:]
-    expected = _weights(tmp_path / "reference" / "checkpoints" / "last.ckpt")
+    return _weights(root / "checkpoints" / "last.ckpt")
 
-    root = tmp_path / "killed"
-    last = root / "checkpoints" / "last.ckpt"
-    # Killed after step 8: last.ckpt is from step 6, in the middle of epoch 1.
-    first = _fit(root, "--trainer.callbacks+=tests.run_probes.KillAt", "--trainer.callbacks.step=8")
-    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
-    assert 8 - _step(last) <= EVERY
-    assert _step(last) == 6
-    # Resumed mid-epoch, killed after step 11: last.ckpt is from step 10, the end of epoch 1.
-    second = _fit(
-        root,
-        "--ckpt_path=last",
-        "--trainer.callbacks+=tests.run_probes.KillAt",
-        "--trainer.callbacks.step=11",
-    )
-    assert second.returncode == -signal.SIGKILL, second.stderr[-3000:]
-    assert _step(last) == 10
-    # Resumed at an epoch boundary, runs to the end.
-    third = _fit(root, "--ckpt_path=last")
-    assert third.returncode == 0, third.stderr[-3000:]
-    assert _step(last) == 20
 
-    resumed = _weights(last)
-    assert resumed.keys() == expected.keys()
-    for name, tensor in expected.items():
-        assert torch.equal(resumed[name], tensor), name
+WITH_WANDB = [
+    "--trainer.logger=WandbLogger",
+    "--trainer.logger.init_args.project=skipnets",
+    "--trainer.log_every_n_steps=1",
+]
+#: Each: SIGKILL at these steps, one after the other, resuming with ``--ckpt_path last`` each
+#: time, and the steps last.ckpt is then from (None: any). Steps 9 and 11: killed in the middle
+#: of epoch 1 as step 9's save was about to go into place (last.ckpt from step 6, and a side file
+#: left behind), then at the end of epoch 2 (step 10). Then one random step for each of three
+#: seeds; a failure names its plan, to rerun it alone.
+KILL_PLANS: dict[str, tuple[list[int], list[int] | None]] = {
+    "steps 9, 11": ([9, 11], [6, 10]),
+    **{f"seed {s}": ([random.Random(s).randint(1, TOTAL - 1)], None) for s in (0, 1, 2)},
+}
+
+
+def _fit_with_wandb(root: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``_fit`` with W&B, its output written to a file rather than a pipe: W&B's service, which
+    a killed run leaves behind until it notices, would hold a pipe open."""
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / "stderr.txt"
+    command = [sys.executable, "-m", "skipnets", *RUN, f"--trainer.default_root_dir={root}"]
+    with open(log, "w") as stderr:
+        done = subprocess.run(
+            [*command, *WITH_WANDB, *extra],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            timeout=300,
+        )
+    done.stderr = log.read_text()
+    return done
+
+
+def _newest_last(root: Path) -> Path | None:
+    found = list(root.glob("skipnets/*/checkpoints/last.ckpt"))
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def _logged(root: Path) -> tuple[set[int], set[int]]:
+    """The steps with training metrics and the epochs with validation metrics in the W&B run
+    files under ``root``, as far as they have been written."""
+    trained: set[int] = set()
+    validated: set[int] = set()
+    for run_file in root.glob("wandb/offline-run-*/run-*.wandb"):
+        for record in wandb_records(run_file, timeout=0):
+            if record.WhichOneof("record_type") != "history":
+                continue
+            row = {i.key or "/".join(i.nested_key): i.value_json for i in record.history.item}
+            if "train/loss" in row:
+                trained.add(json.loads(row["trainer/global_step"]))
+            if "val/acc" in row:
+                validated.add(json.loads(row["epoch"]))
+    return trained, validated
+
+
+def _kill_and_resume(plan: str, root: Path, expected: dict[str, torch.Tensor]) -> None:
+    kills, saves = KILL_PLANS[plan]
+    saved, kept = 0, []
+    for step in kills:
+        killed = _fit_with_wandb(
+            root,
+            "--ckpt_path=last",
+            "--trainer.callbacks+=tests.run_probes.KillAt",
+            f"--trainer.callbacks.step={step}",
+        )
+        assert killed.returncode == -signal.SIGKILL, f"{plan}: {killed.stderr[-2000:]}"
+        last = _newest_last(root)
+        saved = _step(last) if last is not None else 0
+        kept.append(saved)
+        assert step - saved <= EVERY, f"{plan}: killed at step {step}, last.ckpt from {saved}"
+        # W&B's files hold every metric logged for the steps the checkpoint covers.
+        trained, validated = _logged(root)
+        lost = sorted(set(range(saved)) - trained)
+        lost_epochs = sorted(set(range(saved // STEPS_PER_EPOCH)) - validated)
+        assert not lost and not lost_epochs, (
+            f"{plan}: killed at step {step}, last.ckpt is from step {saved}, but W&B's files "
+            f"lack the training metrics of steps {lost} and the validation of epochs {lost_epochs}"
+        )
+    assert saves is None or kept == saves, f"{plan}: last.ckpt from steps {kept}"
+    finished = _fit_with_wandb(root, "--ckpt_path=last")
+    assert finished.returncode == 0, f"{plan}: {finished.stderr[-2000:]}"
+    last = _newest_last(root)
+    assert last is not None and _step(last) == TOTAL, plan
+    weights = _weights(last)
+    assert weights.keys() == expected.keys(), plan
+    differ = [name for name, tensor in expected.items() if not torch.equal(weights[name], tensor)]
+    assert not differ, f"{plan}: the resumed run ends with other weights ({', '.join(differ)})"
+    assert _logged(root) == (set(range(TOTAL)), set(range(TOTAL // STEPS_PER_EPOCH))), plan
+    # The side files of the saves that the kills cut short are gone.
+    assert not list(last.parent.glob("*.partial")), plan
+
+
+def test_runs_killed_at_any_step_resume_exactly_and_keep_their_wandb_history(
+    tmp_path: Path, uninterrupted: dict[str, torch.Tensor]
+) -> None:
+    """SIGKILL at the steps of each of KILL_PLANS and resume, as a cluster that loses nodes
+    would: every run ends bit-identical to an uninterrupted one, and after each kill W&B's
+    offline files hold the metrics of every step and epoch that last.ckpt covers. The plans run
+    side by side."""
+    with ThreadPoolExecutor(len(KILL_PLANS)) as pool:
+        runs = [
+            pool.submit(_kill_and_resume, plan, tmp_path / f"plan{i}", uninterrupted)
+            for i, plan in enumerate(KILL_PLANS)
+        ]
+    for run in runs:
+        run.result()
 
 
 def test_kill_while_saving_leaves_the_previous_checkpoint(tmp_path: Path, caplog) -> None:
@@ -292,11 +384,11 @@ def test_last_checkpoint_every_n_epochs(
     assert _step(tmp_path / "checkpoints" / "last.ckpt") == steps[-1]
 
 
-def test_sigterm_saves_the_current_step_and_exits_143(tmp_path: Path) -> None:
+def test_sigterm_saves_the_current_step_and_exits_143(
+    tmp_path: Path, uninterrupted: dict[str, torch.Tensor]
+) -> None:
     """SLURM's notice before pre-emption: last.ckpt at the step training stopped at, one line
     saying where it is, exit status 143; the resumed run ends where an uninterrupted one does."""
-    reference = _fit(tmp_path / "reference")
-    assert reference.returncode == 0, reference.stderr[-3000:]
     root = tmp_path / "stopped"
     last = root / "checkpoints" / "last.ckpt"
     stopped = _fit(
@@ -310,9 +402,8 @@ def test_sigterm_saves_the_current_step_and_exits_143(tmp_path: Path) -> None:
     assert _step(last) == 8  # not the step-6 save: no step lost
     resumed = _fit(root, "--ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected = _weights(tmp_path / "reference" / "checkpoints" / "last.ckpt")
     for name, tensor in _weights(last).items():
-        assert torch.equal(tensor, expected[name]), name
+        assert torch.equal(tensor, uninterrupted[name]), name
 
 
 def test_a_full_disk_stops_the_run_with_one_line_and_leaves_no_partial_file(tmp_path: Path):
@@ -351,7 +442,12 @@ def test_a_running_run_is_never_resumed_or_overwritten(tmp_path: Path) -> None:
         assert f"the run directory {first_root} is in use by process {first.pid}" in second.stderr
         assert (first_root / "config.yaml").read_bytes() == config
 
-        # --ckpt_path last in the same root: the running run is passed over, and there is no other.
+        # --ckpt_path last in the same root, once the running run has a last.ckpt: it is
+        # passed over, and there is no other.
+        last, deadline = first_root / "checkpoints" / "last.ckpt", time.monotonic() + 120
+        while not last.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert last.exists() and first.poll() is None
         third = _fit(first_root, "--ckpt_path=last")
         assert third.returncode == 2
         assert "every run under" in third.stderr and "is still running" in third.stderr
@@ -373,7 +469,8 @@ def test_resuming_with_changed_settings_is_refused_or_allowed_with_a_warning(
     assert "batch size: 40 -> 20" in message
     assert "optimizer: the default -> SGD(lr=0.05" in message
     assert "--allow_resume_changes=true" in message
-    assert main([*changed, "--allow_resume_changes=true"]) == 0
+    with pytest.warns(UserWarning, match=r"resuming with changed settings \(batch size: 40 -> 20"):
+        assert main([*changed, "--allow_resume_changes=true"]) == 0
     assert _step(tmp_path / "checkpoints" / "last.ckpt") > 5
 
 
@@ -409,3 +506,28 @@ def test_an_endless_run_says_so_and_stops_cleanly_on_sigterm(tmp_path: Path) -> 
     assert endless.returncode == 143, endless.stderr[-3000:]
     assert "trainer.max_epochs=-1 and no max_steps or max_time: training goes on" in endless.stderr
     assert _step(tmp_path / "checkpoints" / "last.ckpt") == 13
+
+
+def test_the_best_checkpoint_breaks_a_tie_in_accuracy_by_the_validation_loss() -> None:
+    from types import SimpleNamespace
+
+    from skipnets.checkpoints import BestCheckpoint
+
+    best = BestCheckpoint(monitor="val/acc", mode="max")
+    strategy = SimpleNamespace(reduce_boolean_decision=lambda decision, all=True: decision)
+    trainer = SimpleNamespace(strategy=strategy, callback_metrics={})
+    assert best.check_monitor_top_k(trainer, torch.tensor(1.0))  # nothing kept yet
+    best.best_k_models = {"epoch=1.ckpt": torch.tensor(1.0)}
+    best.kth_best_model_path, best.best_tie_value = "epoch=1.ckpt", 0.11
+    for acc, loss, replaces in [
+        (1.0, 0.05, True),  # as accurate, lower loss
+        (1.0, 0.2, False),  # as accurate, higher loss
+        (0.9, 0.01, False),  # less accurate, whatever the loss
+        (1.1, 0.5, True),  # more accurate
+    ]:
+        trainer.callback_metrics = {"val/loss": torch.tensor(loss)}
+        assert best.check_monitor_top_k(trainer, torch.tensor(acc)) is replaces, (acc, loss)
+    state = best.state_dict()
+    again = BestCheckpoint(monitor="val/acc", mode="max")
+    again.load_state_dict(state)
+    assert again.best_tie_value == 0.11  # a resumed run breaks ties the same way

@@ -1,6 +1,6 @@
 """The private APIs skipnets relies on (``skipnets.internals``) still exist in the installed
-Lightning, torch and torchvision, each names a test that runs its path, and the ones replaced by
-public APIs stay out of the code."""
+Lightning, torch, torchvision and W&B, each names a test that runs its path, and the ones replaced
+by public APIs stay out of the code."""
 
 from __future__ import annotations
 

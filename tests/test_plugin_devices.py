@@ -18,14 +18,17 @@ import pytest
 import torch
 from conftest import quiet_trainer, run_skipnets
 from datagen import write_cifar10
+from lightning.pytorch.plugins.precision import MixedPrecision
 from skipnets_plugins.deconvnet import DeconvNet
 from skipnets_plugins.effective_paths import EffectivePaths
 from skipnets_plugins.feature_reuse import FeatureReuse
 from skipnets_plugins.gradient_flow import GradientFlow
 from skipnets_plugins.highway_gates import HighwayGates
 from skipnets_plugins.lesion import Lesion
+from skipnets_plugins.linear_regions import LinearRegions
 from skipnets_plugins.norm_ratio import NormRatio
 from skipnets_plugins.occlusion import Occlusion
+from skipnets_plugins.shattered_gradients import ShatteredGradients
 from skipnets_plugins.stochastic_depth import StochasticDepth
 
 from skipnets import Classifier
@@ -35,6 +38,13 @@ from skipnets.errors import ConfigError
 from skipnets.testing import ShadowDevice
 
 DATA = {"DataLoader": CIFAR10, "DeviceLoader": GPUCIFAR10}
+
+pytestmark = [
+    # What these plugins tell a user, and these tests provoke on purpose to stay small: a line of
+    # 6 points is too coarse a grid to count regions on, and ResNets have no max-pool switches.
+    pytest.mark.filterwarnings("ignore:LinearRegions. the pattern changes:UserWarning"),
+    pytest.mark.filterwarnings("ignore:DeconvNet. .* has no max pooling:UserWarning"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +67,14 @@ def _classifier(arch: str, data, **arch_kwargs) -> Classifier:
 
 
 def _trainer(root: Path, precision: str, callbacks: list, **kwargs) -> L.Trainer:
+    # The precision as a plugin: given as a name beside a strategy that brings its own
+    # accelerator, Lightning's mixed precision would autocast for CUDA, which is off here.
+    device = "cpu" if precision.endswith("-mixed") else None
     return quiet_trainer(
         strategy=ShadowDevice(),
         accelerator="auto",
-        precision=precision,
+        plugins=[MixedPrecision(precision, device)] if device else None,
+        precision=None if device else precision,
         max_epochs=1,
         limit_train_batches=2,
         num_sanity_val_steps=0,
@@ -116,6 +130,8 @@ def test_residual_net_plugins_as_fit_callbacks(
         StochasticDepth(survival_prob=0.5, rule="linear", drop_mode="sample"),
         EffectivePaths(split="val", draws=2, max_samples=2),
         Occlusion(samples=2, size=16, stride=8),
+        LinearRegions(line_points=6, refine=0, plane_points=3, max_samples=8),
+        ShatteredGradients(points=6, max_samples=8),
     ]
     trainer = _trainer(tmp_path, precision, callbacks)
     trainer.fit(_classifier("resnet20", data), datamodule=data)
@@ -134,6 +150,12 @@ def test_residual_net_plugins_as_fit_callbacks(
     assert len(paths) == 10 and all(float(r["grad_norm"]) > 0 for r in paths)
     # Two 32x32 images, a 16-pixel occluder every 8 pixels: 3 x 3 positions each.
     assert len(_rows(tmp_path / "occlusion" / "occlusion.csv")) == 2 * 9
+    # ResNet-20 (functional ReLUs, batch norm, padded shortcuts) followed on the device.
+    regions = _rows(tmp_path / "linear_regions" / "linear_regions.csv")
+    assert [r["when"] for r in regions] == ["init", "trained"]
+    assert all(int(r["layers"]) == 19 and int(r["plane_regions"]) >= 1 for r in regions)
+    shattered = _rows(tmp_path / "shattered_gradients" / "shattered_gradients.csv")
+    assert [r["when"] for r in shattered] == ["init", "trained"]
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
@@ -293,6 +315,10 @@ def test_every_plugin_under_ddp_on_the_device_resident_data(tmp_path: Path, cifa
                   init_args: {{split: val, draws: 2}}
                 - class_path: Occlusion
                   init_args: {{samples: 3, size: 16, stride: 8}}
+                - class_path: LinearRegions
+                  init_args: {{line_points: 6, refine: 0, plane_points: 3}}
+                - class_path: ShatteredGradients
+                  init_args: {{points: 6}}
             test_after_fit: false
             """
         )
@@ -312,3 +338,8 @@ def test_every_plugin_under_ddp_on_the_device_resident_data(tmp_path: Path, cifa
     # Rank zero alone occluded the three images (of both ranks' shares) and wrote them once.
     rows = _rows(run / "occlusion" / "occlusion.csv")
     assert [r["sample"] for r in rows] == [str(s) for s in range(3) for _ in range(9)]
+    # Every rank measured the same line (no collective); rank zero wrote it once.
+    rows = _rows(run / "linear_regions" / "linear_regions.csv")
+    assert [r["when"] for r in rows] == ["init", "trained"]
+    rows = _rows(run / "shattered_gradients" / "shattered_gradients.csv")
+    assert [r["when"] for r in rows] == ["init", "trained"]

@@ -4,6 +4,7 @@ progress bar, batches already on the device, and the allocator setting."""
 from __future__ import annotations
 
 import csv
+import io
 import re
 import subprocess
 import sys
@@ -113,6 +114,52 @@ def test_progress_bar_redraws_on_time_and_at_the_last_batch(capsys):
     assert _counts_shown(capsys, refresh_interval=3600.0) == {0, 1, 12}
     with pytest.raises(ConfigError, match="refresh_interval"):
         TimedProgressBar(refresh_interval=-1)
+
+
+def test_a_log_file_gets_one_line_per_redraw(capsys):
+    # capsys is not a terminal, as a job's log file is not.
+    shown = _counts_shown(capsys, refresh_interval=0.0)
+    assert shown == set(range(13))
+    data = Digits(image_size=None, batch_size=128)
+    trainer = quiet_trainer(
+        max_epochs=1, limit_val_batches=0, enable_progress_bar=True,
+        callbacks=[TimedProgressBar(refresh_interval=0.0)],
+    )  # fmt: skip
+    capsys.readouterr()
+    trainer.fit(_classifier(data), datamodule=data)
+    out = capsys.readouterr().out
+    assert "\r" not in out and "\x1b[" not in out
+    lines = [line for line in out.splitlines() if line.startswith("Epoch 0:")]
+    # Each batch's count once (Lightning's own bar draws the count, then again the metrics);
+    # the epoch's end redraws the last.
+    counts = [int(re.search(r"\| (\d+)/10 ", line)[1]) for line in lines]
+    assert counts[:11] == list(range(11)) and set(counts[11:]) <= {10}, lines
+
+
+@pytest.mark.parametrize("columns", [80, 120, 200])
+def test_the_metrics_shown_fit_the_terminal(columns):
+    from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+    from skipnets.progress import MIN_BAR, _fixed_width, fit_width
+
+    metrics = {"v_num": "abcd", "train/acc": 0.85912, "train/acc_top5": 0.967}
+    metrics |= {"val/loss": 0.00835, "train/loss": 0.0284, "val/acc_top5": 1.0, "val/acc": 0.9667}
+    bar = Tqdm(
+        desc="Epoch 12", total=177, file=io.StringIO(), ncols=columns,
+        bar_format=TimedProgressBar.BAR_FORMAT,
+    )  # fmt: skip
+    bar.update(88)
+    kept = fit_width(metrics, columns, _fixed_width(bar))
+    if columns >= 120:
+        assert list(kept)[:2] == ["train/loss", "val/acc"]  # the most useful first
+    bar.set_postfix(kept, refresh=False)
+    line = str(bar)
+    bar.close()
+    assert len(line) <= columns
+    assert line.count("█") + line.count(" ") >= MIN_BAR // 2  # a bar, not "|█|"
+    assert all(f"{name}=" in line for name in kept)  # no name cut
+    if columns >= 200:
+        assert set(kept) == set(metrics)
 
 
 def _cli(tmp_path, *args: str) -> SkipnetsCLI:

@@ -5,15 +5,23 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import ROOT
 from run_probes import wandb_config, wandb_history
 
+from skipnets.checkpoints import (
+    WANDB_FLUSH_ENV,
+    WANDB_FLUSH_INTERVAL,
+    with_wandb_flush_interval,
+)
 from skipnets.cli import main
 from skipnets.lightning_cli import SkipnetsCLI
 from skipnets.runs import offline_folders
@@ -110,6 +118,78 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path: Path, capsys) -> Non
     assert epochs == [1]
 
 
+def _history_as_wandb_reads_it(run_file: Path) -> list[dict]:
+    """The history records of a run's ``.wandb`` file, read by W&B's own reader."""
+    done = subprocess.run(
+        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return [record["history"]["item"] for record in records if record["type"] == "history"]
+
+
+def test_a_run_killed_right_after_a_checkpoint_has_every_metric_it_covers_on_disk(tmp_path):
+    """SIGKILL the moment last.ckpt is renamed into place: the offline run's file already holds
+    every metric logged for the steps it covers. Two steps an epoch and a save every step: the
+    fourth save to go into place is step 3's (the first step of epoch 1, whose training metrics
+    Lightning logs after the checkpoint hook), covering epoch 0's validation too. W&B writes the
+    file every second here, so that a metric logged just before the kill is not there by chance."""
+    args = [
+        *RUN[:12],
+        "--model.arch_kwargs.depth=3",
+        "--trainer.max_epochs=3",
+        "--last_checkpoint_every_n_steps=1",
+        "--test_after_fit=false",
+        "--trainer.callbacks+=tests.run_probes.KillWhenPlaced",
+        "--trainer.callbacks.times=4",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB__TRANSACTION_LOG_FLUSH_INTERVAL": "1"}
+    # Output to a file: W&B's service, left behind by the killed run until it notices, would
+    # hold a pipe open.
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        killed = subprocess.run(
+            [sys.executable, "-m", "skipnets", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            timeout=300,
+        )
+    output = (tmp_path / "stderr.txt").read_text()
+    assert killed.returncode == -signal.SIGKILL, output[-3000:]
+    assert "had not written" not in output
+    (last,) = tmp_path.glob("skipnets/*/checkpoints/last.ckpt")
+    step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    assert step == 3
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    rows = _history_as_wandb_reads_it(run_file)
+    trained = {row["trainer/global_step"] for row in rows if "train/loss" in row}
+    validated = {row["epoch"] for row in rows if "val/acc" in row}
+    assert trained >= {0, 1, 2} and 0 in validated, rows
+
+
+def test_runs_the_cli_starts_have_wandb_write_their_file_often(monkeypatch, tmp_path) -> None:
+    import wandb
+
+    key = "x_transaction_log_flush_interval"
+    monkeypatch.delenv(WANDB_FLUSH_ENV, raising=False)
+    args = ["--data.class_path=TwoSpirals", "--model.arch=plain_mlp"]
+    cli = SkipnetsCLI(args=[*args, f"--trainer.default_root_dir={tmp_path}"], run=False)
+    assert os.environ[WANDB_FLUSH_ENV] == str(WANDB_FLUSH_INTERVAL)  # W&B's own variable
+    assert cli.config.trainer.logger.init_args.settings is None  # the saved config stays the user's
+    for own in ({key: 2.0}, wandb.Settings(**{key: 3.0})):  # the user's own choice stays
+        monkeypatch.delenv(WANDB_FLUSH_ENV, raising=False)
+        assert with_wandb_flush_interval(own) is own and WANDB_FLUSH_ENV not in os.environ
+    assert with_wandb_flush_interval({"quiet": True}) == {"quiet": True}
+    assert os.environ[WANDB_FLUSH_ENV] == str(WANDB_FLUSH_INTERVAL)
+    monkeypatch.setenv(WANDB_FLUSH_ENV, "2")  # set by the user
+    assert with_wandb_flush_interval(None) is None and os.environ[WANDB_FLUSH_ENV] == "2"
+
+
 @pytest.fixture
 def no_wandb_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
     for key in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
@@ -145,6 +225,27 @@ def test_online_only_with_credentials(env, offline, no_wandb_settings, tmp_path:
         assert not logger._offline  # WANDB_MODE=offline is read by wandb.init itself
     else:
         assert logger._offline is offline
+
+
+def test_settings_in_a_config_keep_a_run_without_credentials_offline(
+    no_wandb_settings, tmp_path: Path
+) -> None:
+    """jsonargparse reads a ``settings:`` mapping as a whole ``wandb.Settings``, ``mode:
+    online`` and every other default included; only what the config gave reaches W&B."""
+    config = tmp_path / "logger.yaml"
+    config.write_text(
+        "trainer:\n  logger:\n    class_path: lightning.pytorch.loggers.WandbLogger\n"
+        "    init_args:\n      settings: {x_transaction_log_flush_interval: 1, quiet: true}\n"
+    )
+    args = ["--data.class_path=TwoSpirals", "--model.arch=plain_mlp", "--config", str(config)]
+    cli = SkipnetsCLI(args=[*args, f"--trainer.default_root_dir={tmp_path}"], run=False)
+    given = {"x_transaction_log_flush_interval": 1.0, "quiet": True}
+    assert given.items() <= cli.config.trainer.logger.init_args.settings.items()
+    assert "mode" not in cli.config.trainer.logger.init_args.settings
+    settings = cli.trainer.logger._wandb_init["settings"]  # built from that mapping
+    assert "mode" not in settings.model_fields_set and settings.quiet
+    assert settings.x_transaction_log_flush_interval == 1.0
+    assert cli.trainer.logger._offline
 
 
 SWEEP = ROOT / "configs" / "sweeps" / "depth_study.yaml"

@@ -42,7 +42,7 @@ REAL = {
     "wrn_40_4": {},
     "resnet110_sd": {},
     "densenet": {"depth": 16, "growth_rate": 6, "bottleneck": True, "compression": 0.5},
-    "densenet_40_12": {"drop_rate": 0.2},
+    "densenet_40_12": {"dropout": 0.2},
     "densenet_bc_100_12": {},
     "densenet121": {},
     "highway_cnn": {},

@@ -48,6 +48,8 @@ class DataModule(L.LightningDataModule):
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not run")
         dataset, collate_fn = _batched(dataset)
+        if collate_fn is _fetched_batch and self.num_workers == 0:
+            _in_memory_needs_no_workers()
         return ResumableLoader(
             dataset,
             batch_size=self.batch_size,
@@ -165,6 +167,20 @@ def _batched(dataset: Dataset) -> tuple[Dataset, Callable | None]:
     if type(dataset) is TensorDataset:
         return InMemoryDataset(*dataset.tensors), _fetched_batch
     return dataset, None
+
+
+def _in_memory_needs_no_workers() -> None:
+    """Lightning's advice to add loader workers, on a machine with more than a few cores, is
+    wrong for a split held in memory as tensors: a batch is one indexing of them, which worker
+    processes would only copy. Filtered for the loaders of such splits (the data modules that
+    read files keep it; ``SKIPNETS_VERBOSE=1`` shows it)."""
+    import os
+    import warnings
+
+    if not os.environ.get("SKIPNETS_VERBOSE"):
+        warnings.filterwarnings(
+            "ignore", message=r"The '\w+' does not have many workers which may be a bottleneck"
+        )
 
 
 def _fetched_batch(batch: tuple[Tensor, ...]) -> tuple[Tensor, ...]:

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from skipnets.data.analysis import AnalysisSplit, check_split, tensor_split
 from skipnets.data.base import DataModule
-from skipnets.data.vision import CIFAR10, CIFAR100, MNIST, TorchvisionData
+from skipnets.data.vision import CIFAR10, CIFAR100, MNIST, TorchvisionData, download, open_dataset
 from skipnets.errors import ConfigError
 
 __all__ = [
@@ -321,15 +321,14 @@ class GPUVisionData(DataModule):
 
     def prepare_data(self) -> None:
         if self.download:
-            for train in (True, False):
-                self.source.dataset_cls(str(self.root), train=train, download=True)
+            download(self.source, self.root)
 
     def _device(self) -> torch.device:
         trainer = self.trainer
         return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
 
     def _read(self, train: bool) -> tuple[Tensor, Tensor]:
-        dataset = self.source.dataset_cls(str(self.root), train=train)
+        dataset = open_dataset(self.source, self.root, train=train)
         images = torch.as_tensor(dataset.data)
         images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
         return images.contiguous(), torch.as_tensor(dataset.targets, dtype=torch.long)
