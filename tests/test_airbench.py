@@ -250,6 +250,8 @@ def test_ema_matches_a_reference_computed_by_hand():
     )
 
 
+# Lightning's note on the test's set-up: a bare Trainer without validation data.
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
 def test_lookahead_sets_the_weights_to_the_average():
     torch.manual_seed(0)
     module = Tiny()
@@ -278,6 +280,9 @@ def _fit_ema(tmp_path: Path, max_epochs: int, ckpt_path: str | None = None):
     return module, ema
 
 
+# Lightning's note on the test's set-up: a bare Trainer without validation data, resumed into another folder.
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
+@pytest.mark.filterwarnings("ignore:The dirpath has changed from")
 def test_ema_resumes_exactly_and_checkpoints_hold_the_average(tmp_path: Path):
     full_module, full_ema = _fit_ema(tmp_path / "full", max_epochs=3)
     first = sorted((tmp_path / "full").glob("epoch=0-*.ckpt"))[0]

@@ -65,6 +65,10 @@ def _analyse(run: Path, plugin: str, *options: str) -> int:
     )
 
 
+# Lightning's note on the test's set-up: a run of 10 batches.
+@pytest.mark.filterwarnings(
+    "ignore:The number of training batches .* is smaller than the logging interval"
+)
 def test_results_go_into_the_trained_run_and_its_records_stay(run: Path, capsys) -> None:
     config, record = (run / "config.yaml").read_bytes(), (run / "run.json").read_bytes()
     gates_before = (run / "highway_gates" / "highway_gates.csv").read_text()

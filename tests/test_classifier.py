@@ -116,6 +116,8 @@ class _LearningRates(L.Callback):
 ONE_CYCLE = {"class_path": "torch.optim.lr_scheduler.OneCycleLR", "init_args": {"max_lr": 0.5}}
 
 
+# Lightning's note on the test's set-up: stepping per epoch is one of the cases under test.
+@pytest.mark.filterwarnings("ignore:A `OneCycleLR` scheduler is using 'interval'")
 @pytest.mark.parametrize(("interval", "total"), [("step", 8), ("epoch", 2)])
 def test_one_cycle_gets_the_runs_length_and_steps_at_the_interval(interval, total):
     data = Digits(image_size=None, batch_size=64)

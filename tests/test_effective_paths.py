@@ -285,6 +285,8 @@ def test_command_on_the_device_and_comparison(run: dict, tmp_path: Path, capsys)
     )
 
 
+# Lightning's note on the test's set-up: the run stops before training.
+@pytest.mark.filterwarnings("ignore:`max_epochs` was not set")
 def test_fit_refuses_a_plain_network(tmp_path: Path) -> None:
     model = Classifier("plain_mlp", {"depth": 3}, num_classes=10, input_shape=(64,))
     trainer = quiet_trainer(callbacks=[EffectivePaths()], default_root_dir=tmp_path)

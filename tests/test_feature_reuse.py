@@ -145,6 +145,8 @@ def test_fit_command_and_comparison(tmp_path: Path, caplog) -> None:
         FeatureReuse.compare_runs({"empty": tmp_path / "nothing"}, tmp_path)
 
 
+# Lightning's note on the test's set-up: the run stops before training.
+@pytest.mark.filterwarnings("ignore:`max_epochs` was not set")
 def test_fit_refuses_a_resnet(tmp_path: Path) -> None:
     model = Classifier("residual_mlp", {"depth": 3}, num_classes=10, input_shape=(64,))
     trainer = quiet_trainer(callbacks=[FeatureReuse()], default_root_dir=tmp_path)

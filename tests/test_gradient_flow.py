@@ -62,6 +62,11 @@ def direct_norms(module: Classifier, groups: dict[str, list[str]]) -> dict[str, 
     }
 
 
+# Lightning's note on the test's set-up: a bare Trainer on a few batches, without validation data.
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
+@pytest.mark.filterwarnings(
+    "ignore:The number of training batches .* is smaller than the logging interval"
+)
 def test_block_norms_match_a_direct_backward(tmp_path):
     module = fit(tmp_path, GradientFlow(every_n_steps=2), logger=CSVLogger(tmp_path))
     folder = tmp_path / "lightning_logs" / "version_0" / "gradient_flow"
@@ -91,6 +96,8 @@ def test_block_norms_match_a_direct_backward(tmp_path):
     assert int(step0[0]["numel"]) == 12 * 10 + 10
 
 
+# Lightning's note on the test's set-up: a bare Trainer without validation data.
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
 def test_gradients_too_small_to_square_in_float32_are_not_reported_as_zero(tmp_path):
     # 50 sigmoid layers: the first layers' gradients are about 1e-31, whose float32 squares
     # underflow to zero (float32's smallest positive number is about 1e-45).
@@ -114,6 +121,8 @@ def test_gradients_too_small_to_square_in_float32_are_not_reported_as_zero(tmp_p
     assert 0 < float(rows[0]["grad_norm"]) < 1e-25
 
 
+# Lightning's note on the test's set-up: a bare Trainer without validation data.
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
 def test_layer_granularity_names_every_parameterised_module(tmp_path):
     fit(tmp_path, GradientFlow(every_n_steps=100, granularity="layer"))
     rows = read_rows(tmp_path / "gradient_flow" / "gradient_flow.csv")

@@ -108,6 +108,8 @@ class ConvNet(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
+# Lightning's note on the test's set-up: a bare LightningModule without validation.
+@pytest.mark.filterwarnings("ignore:You passed in a `val_dataloader` but have no `validation_step`")
 def test_convolutional_gates_average_over_positions(tmp_path):
     torch.manual_seed(0)
     module, data = ConvNet(), Data((1, 6, 6))

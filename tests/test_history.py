@@ -75,6 +75,8 @@ def test_one_row_per_epoch_with_the_epoch_mean_loss_and_the_logged_metrics(tmp_p
     assert 0 < float(rows[0]["seconds"]) <= float(rows[1]["seconds"])
 
 
+# Lightning's note on the test's set-up: a bare Trainer resumed into its own folder.
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 def test_a_resumed_run_continues_its_history_and_a_test_does_not_roll_it_back(tmp_path):
     straight = tmp_path / "straight"
     _fit(straight, 3)
