@@ -16,7 +16,15 @@ from matplotlib.ticker import MaxNLocator
 
 from skipnets.runs import log_figure, log_table
 
-__all__ = ["log_images", "log_rows", "new_figure", "save_figure", "write_csv"]
+__all__ = [
+    "latest_result",
+    "log_images",
+    "log_rows",
+    "new_figure",
+    "read_rows",
+    "save_figure",
+    "write_csv",
+]
 
 
 def new_figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.0, 4.0)):
@@ -122,3 +130,12 @@ def overlay_runs(
     png = out / f"{name}.png"
     fig.savefig(png, dpi=120)
     return [png, write_csv(out / f"{name}.csv", ("run", "x", "y"), rows)]
+
+
+def latest_result(folder: Path, name: str) -> Path | None:
+    """``folder/name`` (what training wrote), else the newest ``folder/*/name`` (what an
+    analysis of a checkpoint wrote): the file ``skipnets compare`` reads for a run."""
+    if (folder / name).is_file():
+        return folder / name
+    found = sorted(folder.glob(f"*/{name}"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None

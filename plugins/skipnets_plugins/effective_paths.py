@@ -33,6 +33,7 @@ from skipnets.nn import SkipBlock, network_name, skip_blocks
 from skipnets.papers import VEIT_2016
 from skipnets.runs import plugin_dir
 from skipnets_plugins._plotting import (
+    latest_result,
     log_rows,
     new_figure,
     overlay_runs,
@@ -201,7 +202,7 @@ class EffectivePaths(Callback):
         6c): where the effective paths of networks of different depths lie."""
 
         def series(directory: Path):
-            path = _latest(directory / "effective_paths", "effective_paths.csv")
+            path = latest_result(directory / "effective_paths", "effective_paths.csv")
             if path is None:
                 return None
             rows = read_rows(path)
@@ -502,11 +503,3 @@ def plot_effective_paths(rows: Sequence[dict[str, Any]], title: str):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     return figure
-
-
-def _latest(folder: Path, name: str) -> Path | None:
-    """``folder/name`` (what training wrote), else the newest ``folder/*/name`` (an analysis)."""
-    if (folder / name).is_file():
-        return folder / name
-    found = sorted(folder.glob(f"*/{name}"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None

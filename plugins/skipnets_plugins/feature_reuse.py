@@ -23,6 +23,7 @@ from skipnets.nn import SkipBlock, network_name, skip_blocks
 from skipnets.papers import HUANG_2017
 from skipnets.runs import plugin_dir
 from skipnets_plugins._plotting import (
+    latest_result,
     log_rows,
     new_figure,
     overlay_runs,
@@ -158,7 +159,7 @@ class FeatureReuse(Callback):
         2017, Fig. 5, the last column)."""
 
         def series(directory: Path):
-            path = _latest(directory / "feature_reuse", "feature_reuse.csv")
+            path = latest_result(directory / "feature_reuse", "feature_reuse.csv")
             if path is None:
                 return None
             rows = read_rows(path)
@@ -361,11 +362,3 @@ def plot_feature_reuse(rows: Sequence[dict[str, Any]], blocks: Sequence[DenseBlo
             image, ax=list(grid[0]), label="mean |weight|, scaled to the column's largest"
         )
     return figure
-
-
-def _latest(folder: Path, name: str) -> Path | None:
-    """``folder/name`` (what training wrote), else the newest ``folder/*/name`` (an analysis)."""
-    if (folder / name).is_file():
-        return folder / name
-    found = sorted(folder.glob(f"*/{name}"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None

@@ -24,6 +24,7 @@ from skipnets.errors import ConfigError
 from skipnets.nn import SkipBlock, network_name, skip_blocks
 from skipnets.runs import plugin_dir
 from skipnets_plugins._plotting import (
+    latest_result,
     log_rows,
     new_figure,
     overlay_runs,
@@ -278,7 +279,7 @@ class Lesion(Callback):
         2016, Fig. 3: residual against plain)."""
 
         def series(directory: Path):
-            path = _latest(directory / "lesion", "lesion.csv")
+            path = latest_result(directory / "lesion", "lesion.csv")
             if path is None:
                 return None
             rows = [r for r in read_rows(path) if r["lesion"] == "single"]
@@ -436,11 +437,3 @@ def _swapped(model: nn.Module, first: str, second: str) -> Iterator[None]:
     finally:
         setattr(container, a, module_a)
         setattr(container, b, module_b)
-
-
-def _latest(folder: Path, name: str) -> Path | None:
-    """``folder/name`` (what training wrote), else the newest ``folder/*/name`` (an analysis)."""
-    if (folder / name).is_file():
-        return folder / name
-    found = sorted(folder.glob(f"*/{name}"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None

@@ -28,7 +28,7 @@ from skipnets.errors import ConfigError
 from skipnets.info import call_argument
 from skipnets.runs import plugin_dir
 from skipnets_plugins._milestones import MeasuredAtMilestones
-from skipnets_plugins._plotting import new_figure, read_rows, save_figure, write_csv
+from skipnets_plugins._plotting import latest_result, new_figure, read_rows, save_figure, write_csv
 
 __all__ = [
     "Anchors",
@@ -818,7 +818,7 @@ class LinearRegions(MeasuredAtMilestones):
         widths can reach)."""
         measured = {}
         for label, directory in runs.items():
-            path = latest_csv(directory / "linear_regions", "linear_regions.csv")
+            path = latest_result(directory / "linear_regions", "linear_regions.csv")
             rows = read_rows(path) if path else []
             if not rows:
                 measured[label] = None
@@ -1022,14 +1022,6 @@ def output_folder(trainer: L.Trainer, plugin: str) -> Path:
         folder = folder / "validate"
         folder.mkdir(exist_ok=True)
     return folder
-
-
-def latest_csv(folder: Path, name: str) -> Path | None:
-    """``folder/name`` (what training wrote), else the newest ``folder/*/name`` (an analysis)."""
-    if (folder / name).is_file():
-        return folder / name
-    found = sorted(folder.glob(f"*/{name}"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
 
 
 def _check_int(value: Any, minimum: int, name: str, owner: str) -> None:

@@ -26,6 +26,7 @@ from skipnets.errors import ConfigError
 from skipnets.nn import network_name, skip_blocks
 from skipnets.runs import plugin_dir
 from skipnets_plugins._plotting import (
+    latest_result,
     log_rows,
     new_figure,
     overlay_runs,
@@ -468,7 +469,7 @@ class Occlusion(Callback):
         run: how far one square can push each network off the right answer."""
 
         def series(directory: Path):
-            path = _latest(directory / "occlusion", "occlusion.csv")
+            path = latest_result(directory / "occlusion", "occlusion.csv")
             if path is None:
                 return None
             lowest: dict[int, float] = {}
@@ -535,14 +536,6 @@ def _class_names(trainer: L.Trainer) -> Sequence[str] | None:
     if isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes):
         return classes
     return None
-
-
-def _latest(folder: Path, name: str) -> Path | None:
-    """``folder/name`` (what training wrote), else the newest ``folder/*/name`` (an analysis)."""
-    if (folder / name).is_file():
-        return folder / name
-    found = sorted(folder.glob(f"*/{name}"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
 
 
 # -- the figure -------------------------------------------------------------------------------

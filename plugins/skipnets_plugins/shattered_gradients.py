@@ -24,13 +24,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from skipnets.data.analysis import Split, check_split
 from skipnets.errors import ConfigError
 from skipnets_plugins._milestones import MeasuredAtMilestones
-from skipnets_plugins._plotting import new_figure, read_rows, save_figure, write_csv
+from skipnets_plugins._plotting import latest_result, new_figure, read_rows, save_figure, write_csv
 from skipnets_plugins.linear_regions import (
     _check_int,
     _check_samples,
     arch_name,
     choose_anchors,
-    latest_csv,
     model_depth,
     output_folder,
 )
@@ -419,7 +418,7 @@ class ShatteredGradients(MeasuredAtMilestones):
         curves: dict[str, tuple[list[int], list[float]]] = {}
         missing = []
         for label, directory in runs.items():
-            path = latest_csv(directory / "shattered_gradients", "shattered_gradients.csv")
+            path = latest_result(directory / "shattered_gradients", "shattered_gradients.csv")
             rows = read_rows(path) if path else []
             if not rows:
                 missing.append(f"{label} ({directory})")
