@@ -337,6 +337,9 @@ class Timing:
     steps_per_epoch: int
     fit_s: float | None = None
     whole_process_s: float | None = None
+    # Host seconds from the first epoch's start to the end of each of its steps (no GPU sync:
+    # where the first epoch's extra time goes, e.g. a slow first step or a slow epoch end).
+    first_epoch_steps: list[float] | None = None
 
     @property
     def first_epoch_s(self) -> float:
@@ -356,6 +359,7 @@ class Timing:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Timing:
         names = ("epochs", "batches", "steps_per_epoch", "fit_s", "whole_process_s")
+        names += ("first_epoch_steps",)
         return cls(**{k: values.get(k) for k in names})
 
 
@@ -383,11 +387,14 @@ class EpochTimer(L.Callback):
         self.last_batch_ends: list[float] = []
         self.end: float | None = None
         self.steps = 0
+        self.first_epoch_steps: list[float] = []
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.starts.append(now(pl_module.device))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[override]
+        if len(self.starts) == 1:
+            self.first_epoch_steps.append(time.perf_counter() - self.starts[0])
         if trainer.is_last_batch:
             self.last_batch_ends.append(now(pl_module.device))
             self.steps = batch_idx + 1
@@ -403,6 +410,7 @@ class EpochTimer(L.Callback):
             epochs=[b - a for a, b in pairwise(bounds)],
             batches=[b - a for a, b in zip(self.starts, self.last_batch_ends)],
             steps_per_epoch=self.steps,
+            first_epoch_steps=self.first_epoch_steps,
         )
 
 
@@ -598,19 +606,21 @@ def hand_written(
     scheduler = None
     if recipe.scheduler:
         init = dict(recipe.scheduler.get("init_args") or {})
+        scheduler_class = _resolve(recipe.scheduler["class_path"])
+        # The run's length, as the Classifier fills it in (OneCycleLR, LinearWarmupDecayLR).
         lengths = ("total_steps", "epochs", "steps_per_epoch")
-        if recipe.scheduler["class_path"].endswith("OneCycleLR") and not any(
+        if "total_steps" in inspect.signature(scheduler_class).parameters and not any(
             init.get(k) for k in lengths
         ):
             init["total_steps"] = total_steps if recipe.scheduler_per_step else recipe.epochs
-        scheduler = _resolve(recipe.scheduler["class_path"])(optimizer, **init)
+        scheduler = scheduler_class(optimizer, **init)
     ema = HandEMA(model, recipe.ema, total_steps) if recipe.ema else None
     if compile:
         model.compile()
     autocast = _autocast(recipe.precision, device)
     evaluated = ema.average if ema is not None else model
 
-    epoch_times, batch_times = [], []
+    epoch_times, batch_times, first_epoch_steps = [], [], []
     step = 0
     for epoch in range(epochs):
         epoch_start = now(device)
@@ -631,6 +641,8 @@ def hand_written(
                 if scheduler is not None and recipe.scheduler_per_step:
                     scheduler.step()
                 step += 1
+                if epoch == 0:
+                    first_epoch_steps.append(time.perf_counter() - epoch_start)
                 if ema is not None:
                     ema.step(step, epoch)
                 if profiler is not None:
@@ -648,7 +660,13 @@ def hand_written(
         accuracy(
             evaluated, eval_loader(*read_cifar10(root, train=False)), autocast, recipe.channels_last
         )
-    return Timing(epoch_times, batch_times, len(train_loader), fit_s=fit_s)
+    return Timing(
+        epoch_times,
+        batch_times,
+        len(train_loader),
+        fit_s=fit_s,
+        first_epoch_steps=first_epoch_steps,
+    )
 
 
 class HandEMA:
@@ -921,8 +939,17 @@ def _log(message: str) -> None:
 
 
 def run(options: argparse.Namespace) -> dict[str, Any]:
-    """Every measurement the options ask for; returns the report (see :func:`report_lines`)."""
+    """Every measurement the options ask for; returns the report (see :func:`report_lines`).
+    With ``--json``, the report so far is written after each part, so that a run stopped by a
+    time limit still leaves what it measured."""
     device = torch.device(options.device)
+
+    def save(report: dict[str, Any]) -> dict[str, Any]:
+        report["targets"] = targets(report)
+        if options.json:
+            Path(options.json).write_text(json.dumps(report, indent=2))
+        return report
+
     logger = options.logger == "config"
     logger_note = "as configured (W&B, offline)"
     if logger and importlib.util.find_spec("wandb") is None:
@@ -956,6 +983,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
             ).as_dict()
             _log("fresh processes: hand-written loop ...")
             report["hand_written_process"] = hand_written_process(options, root, work).as_dict()
+            save(report)
         # cuDNN's autotuning and CUDA's kernel loading, once for the whole process, so that
         # the one-process first epochs differ by what each side does, not by which ran first.
         _log("one process: warm-up (one epoch of the hand-written loop, and validation) ...")
@@ -971,6 +999,18 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
                     runs.append(hand_written(recipe, root, device))
         report["skipnets"] = _combine(skipnets_runs)
         report["hand_written"] = _combine(hand_runs)
+        save(report)
+        if options.profile:
+            profile = Path(options.profile)
+            epochs = min(recipe.epochs, 2)
+            _log(f"profiling {epochs} epochs of each side into {profile} ...")
+            skipnets_fit(recipe, root, device, logger=False, profile=profile, epochs=epochs)
+            hand_written(recipe, root, device, profile=profile, epochs=epochs)
+            report["profile"] = sorted(str(p) for p in profile.iterdir())
+            save(report)
+        report["airbench"] = _airbench_section(options, root, device, logger, work)
+        save(report)
+        # Last: compiling takes minutes, and the rest of the report is written by then.
         if options.compile:
             _log("one process, compiled: skipnets fit, then the hand-written loop ...")
             report["compiled"] = {
@@ -979,16 +1019,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
                 ).as_dict(),
                 "hand_written": hand_written(recipe, root, device, compile=True).as_dict(),
             }
-        if options.profile:
-            profile = Path(options.profile)
-            epochs = min(recipe.epochs, 2)
-            _log(f"profiling {epochs} epochs of each side into {profile} ...")
-            skipnets_fit(recipe, root, device, logger=False, profile=profile, epochs=epochs)
-            hand_written(recipe, root, device, profile=profile, epochs=epochs)
-            report["profile"] = sorted(str(p) for p in profile.iterdir())
-        report["airbench"] = _airbench_section(options, root, device, logger, work)
-    report["targets"] = targets(report)
-    return report
+    return save(report)
 
 
 def _combine(runs: list[Timing]) -> dict[str, Any]:
@@ -1047,10 +1078,11 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             {"name": name, "value": value, "target": target, "pass": passed, "note": note}
         )
 
-    sk, hand = report["skipnets"], report["hand_written"]
+    # A report written part-way (``--json`` after each part) may lack the one-process runs yet.
+    sk, hand = report.get("skipnets") or {}, report.get("hand_written") or {}
     ratio = (
         hand["steady_epoch_s"] / sk["steady_epoch_s"]
-        if sk["steady_epoch_s"] and hand["steady_epoch_s"]
+        if sk.get("steady_epoch_s") and hand.get("steady_epoch_s")
         else None
     )
     check(
@@ -1075,7 +1107,7 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             f"<= +{WHOLE_PROCESS_SLACK_S:g} s",
             whole <= WHOLE_PROCESS_SLACK_S,
         )
-    else:
+    elif sk and hand:
         first = sk["first_epoch_s"] - hand["first_epoch_s"]
         check(
             "first epoch, skipnets fit over hand-written (one process)",
@@ -1107,6 +1139,18 @@ def _s(value: float | None, signed: bool = False) -> str:
     if value is None:
         return "-"
     return f"{value:+.3f} s" if signed else f"{value:.3f} s"
+
+
+def _first_epoch_part(timing: dict[str, Any], start: int | None, stop: int) -> float | None:
+    steps = timing.get("first_epoch_steps") or []
+    if len(steps) < 6:
+        return None
+    return steps[stop] - (steps[start] if start is not None else 0.0)
+
+
+def _after_last_step(timing: dict[str, Any]) -> float | None:
+    steps = timing.get("first_epoch_steps") or []
+    return timing["first_epoch_s"] - steps[-1] if steps else None
 
 
 def report_lines(report: dict[str, Any]) -> list[str]:
@@ -1144,6 +1188,27 @@ def report_lines(report: dict[str, Any]) -> list[str]:
         ),
         ("whole process", sk_process.get("whole_process_s"), hand_process.get("whole_process_s")),
     ]
+    # Where a fresh process's first epoch goes: its first step, the next four, the rest of the
+    # steps, and the time after the last step (host clock, no GPU sync inside the epoch).
+    for part, (start, stop) in {
+        "first step": (None, 0),
+        "steps 2-5": (0, 4),
+        "remaining steps": (4, -1),
+    }.items():
+        rows.append(
+            (
+                f"  fresh first epoch: {part}",
+                _first_epoch_part(sk_process, start, stop),
+                _first_epoch_part(hand_process, start, stop),
+            )
+        )
+    rows.append(
+        (
+            "  fresh first epoch: after the last step",
+            _after_last_step(sk_process),
+            _after_last_step(hand_process),
+        )
+    )
     compiled = report.get("compiled")
     if compiled:
         rows += [

@@ -144,8 +144,9 @@ class Classifier(L.LightningModule):
     from a checkpoint) they get the first ``init_data_size`` training images, without training
     augmentation, on their device; every rank gets the same ones. Networks that train some
     parameters for the first epochs only expose ``parameter_epochs`` (``{name: epochs}``):
-    from that epoch on the optimizer skips them (on one device they stop requiring gradients,
-    which also saves their backward pass).
+    from that epoch on the optimizer skips them (on one device, uncompiled, they stop requiring
+    gradients, which also saves their backward pass; under DDP or compiled, their gradient is
+    dropped before the optimizer step).
     """
 
     def __init__(
@@ -326,9 +327,10 @@ class Classifier(L.LightningModule):
         limits = getattr(self.model, "parameter_epochs", None) or {}
         epoch = self.current_epoch
         self._stopped = [self.model.get_parameter(n) for n, e in limits.items() if epoch >= e]
-        if self.trainer.world_size == 1:
-            # DDP waits for a gradient of every parameter it was built with: there, the
-            # gradient is computed and dropped before the optimizer step instead.
+        if self.trainer.world_size == 1 and not self._compiled:
+            # DDP waits for a gradient of every parameter it was built with, and a compiled
+            # model would compile again for the change: there, the gradient is computed and
+            # dropped before the optimizer step instead.
             for name, epochs in limits.items():
                 self.model.get_parameter(name).requires_grad_(epoch < epochs)
 

@@ -465,3 +465,28 @@ def test_linear_warmup_decay_schedule():
     assert rates[60][0] == pytest.approx(0.1 * (1 - 0.93 * 37 / 77))
     with pytest.raises(ConfigError, match="total_steps"):
         LinearWarmupDecayLR(optimizer)
+
+
+def test_a_compiled_network_stops_the_whitening_bias_without_compiling_again(cifar_root: Path):
+    """Switching ``requires_grad`` would make a compiled network compile again (about 10 s on
+    an H100): compiled, the bias keeps requiring a gradient and its gradient is dropped before
+    the optimizer step instead, which leaves it as unchanged as the switch does."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    record = Whitening()
+    trainer = _airbench_fit(
+        cifar_root,
+        max_epochs=2,
+        callbacks=[record],
+        optimizer=SGD,
+        arch_kwargs={"whiten_bias_epochs": 1},
+        compile={"backend": "eager"},
+    )
+    start, after_first, after_second = record.biases
+    assert not torch.equal(after_first, start)  # trained in epoch 0
+    assert torch.equal(after_second, after_first)  # not in epoch 1
+    assert trainer.lightning_module.model.whiten.bias.requires_grad
+    # One graph for the training forward pass, traced once: nothing recompiled at epoch 1.
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])

@@ -70,6 +70,12 @@ def test_cpu_smoke_run_reports_every_figure_and_target(tmp_path, capsys):
         process = report[side]
         assert process["whole_process_s"] > sum(process["epochs"]) > 0
         assert process["steps_per_epoch"] == steps
+        # The first epoch, step by step on the host clock: rising, and within the epoch.
+        first = process["first_epoch_steps"]
+        assert len(first) == steps and first == sorted(first)
+        assert first[0] > 0 and first[-1] <= process["first_epoch_s"]
+    for part in ("first step", "steps 2-5", "remaining steps", "after the last step"):
+        assert f"fresh first epoch: {part}" in printed
     names = [target["name"].split(",")[0] for target in report["targets"]]
     assert names[:3] == ["steady epoch", "first epoch", "whole process"]
     for target in report["targets"]:

@@ -5,11 +5,18 @@ bf16-mixed, on both data paths (a ``DataLoader`` over files and the device-resid
 The device is ``skipnets.testing``'s: the model is float64 while Lightning holds it on the
 device, so a forward pass at the wrong time (``setup``, ``on_fit_end``) or on a batch that never
 went to the device fails here as it fails on a GPU.
+
+On a machine with a GPU, the same matrix runs there:
+
+    SKIPNETS_TEST_DEVICE=cuda python -m pytest tests/test_plugin_devices.py
+
+(one process on the first GPU; the DDP case on every visible GPU, one process each).
 """
 
 from __future__ import annotations
 
 import csv
+import os
 import textwrap
 from pathlib import Path
 
@@ -39,6 +46,14 @@ from skipnets.testing import ShadowDevice
 
 DATA = {"DataLoader": CIFAR10, "DeviceLoader": GPUCIFAR10}
 
+# "cuda": the matrix on a real GPU instead of the shadow device.
+REAL_DEVICE = os.environ.get("SKIPNETS_TEST_DEVICE", "").strip().lower()
+if REAL_DEVICE not in ("", "cuda"):
+    raise RuntimeError(f"SKIPNETS_TEST_DEVICE={REAL_DEVICE!r}: only 'cuda' is known")
+if REAL_DEVICE and not torch.cuda.is_available():
+    raise RuntimeError("SKIPNETS_TEST_DEVICE=cuda, but torch sees no CUDA device here")
+GPUS = torch.cuda.device_count() if REAL_DEVICE else 0
+
 pytestmark = [
     # What these plugins tell a user, and these tests provoke on purpose to stay small: a line of
     # 6 points is too coarse a grid to count regions on, and ResNets have no max-pool switches.
@@ -67,6 +82,16 @@ def _classifier(arch: str, data, **arch_kwargs) -> Classifier:
 
 
 def _trainer(root: Path, precision: str, callbacks: list, **kwargs) -> L.Trainer:
+    common = dict(
+        max_epochs=1,
+        limit_train_batches=2,
+        num_sanity_val_steps=0,
+        default_root_dir=root,
+        callbacks=callbacks,
+        **kwargs,
+    )
+    if REAL_DEVICE:
+        return quiet_trainer(accelerator=REAL_DEVICE, devices=1, precision=precision, **common)
     # The precision as a plugin: given as a name beside a strategy that brings its own
     # accelerator, Lightning's mixed precision would autocast for CUDA, which is off here.
     device = "cpu" if precision.endswith("-mixed") else None
@@ -75,12 +100,7 @@ def _trainer(root: Path, precision: str, callbacks: list, **kwargs) -> L.Trainer
         accelerator="auto",
         plugins=[MixedPrecision(precision, device)] if device else None,
         precision=None if device else precision,
-        max_epochs=1,
-        limit_train_batches=2,
-        num_sanity_val_steps=0,
-        default_root_dir=root,
-        callbacks=callbacks,
-        **kwargs,
+        **common,
     )
 
 
@@ -113,7 +133,8 @@ def test_the_shadow_device_catches_what_a_gpu_catches(tmp_path: Path, cifar_root
 
     _trainer(tmp_path, "32-true", [Careless()]).fit(model, datamodule=data)
     assert set(seen) == {"unmoved batch", "model off the device"}
-    assert all("Double" in str(error) or "double" in str(error) for error in seen.values())
+    if not REAL_DEVICE:
+        assert all("Double" in str(error) or "double" in str(error) for error in seen.values())
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
@@ -216,19 +237,37 @@ def test_a_split_a_data_module_cannot_give_is_a_clear_error(tmp_path: Path) -> N
         analysis_split(trainer, "validation", owner="Lesion")
 
 
+def _on_the_device(config: str, ddp: bool = False) -> str:
+    """A dedented config's ``DEVICE`` line: the shadow device (or shadow DDP on two CPU
+    processes), or the real one."""
+    if REAL_DEVICE and ddp:
+        lines = [f"accelerator: {REAL_DEVICE}", f"devices: {GPUS}", "strategy:"]
+        lines += ["  class_path: lightning.pytorch.strategies.DDPStrategy"]
+    elif REAL_DEVICE:
+        lines = [f"accelerator: {REAL_DEVICE}", "devices: 1"]
+    elif ddp:
+        lines = ["accelerator: cpu", "devices: 2", "strategy:"]
+        lines += ["  class_path: skipnets.testing.ShadowDDP"]
+    else:
+        lines = ["accelerator: cpu", "strategy: {class_path: skipnets.testing.ShadowDevice}"]
+    if ddp:  # blocks dropped whole by stochastic depth
+        lines += ["  init_args: {find_unused_parameters: true}"]
+    return config.replace("  DEVICE\n", "".join(f"  {line}\n" for line in lines))
+
+
 def _config(path: Path, root: Path, kind: str, cifar_root: Path, plugin: str, args: str) -> Path:
     path.write_text(
-        textwrap.dedent(
-            f"""\
+        _on_the_device(
+            textwrap.dedent(
+                f"""\
             model:
               arch: resnet20
             data:
               class_path: {kind}
               init_args: {{root: {cifar_root}, val_size: 8, batch_size: 8}}
             trainer:
-              accelerator: cpu
+              DEVICE
               precision: bf16-mixed
-              strategy: {{class_path: skipnets.testing.ShadowDevice}}
               max_epochs: 1
               limit_train_batches: 2
               num_sanity_val_steps: 0
@@ -238,6 +277,7 @@ def _config(path: Path, root: Path, kind: str, cifar_root: Path, plugin: str, ar
                 - class_path: {plugin}
                   init_args: {args}
             """
+            )
         )
     )
     return path
@@ -280,8 +320,9 @@ def test_every_plugin_under_ddp_on_the_device_resident_data(tmp_path: Path, cifa
     part of the split and the results are merged across ranks."""
     config = tmp_path / "ddp.yaml"
     config.write_text(
-        textwrap.dedent(
-            f"""\
+        _on_the_device(
+            textwrap.dedent(
+                f"""\
             seed_everything: 0
             model:
               arch: resnet20
@@ -289,11 +330,7 @@ def test_every_plugin_under_ddp_on_the_device_resident_data(tmp_path: Path, cifa
               class_path: GPUCIFAR10
               init_args: {{root: {cifar_root}, val_size: 8, batch_size: 4}}
             trainer:
-              accelerator: cpu
-              devices: 2
-              strategy:
-                class_path: skipnets.testing.ShadowDDP
-                init_args: {{find_unused_parameters: true}}  # blocks dropped whole
+              DEVICE
               max_epochs: 1
               limit_train_batches: 2
               num_sanity_val_steps: 0
@@ -321,6 +358,8 @@ def test_every_plugin_under_ddp_on_the_device_resident_data(tmp_path: Path, cifa
                   init_args: {{points: 6}}
             test_after_fit: false
             """
+            ),
+            ddp=True,
         )
     )
     result = run_skipnets("fit", "--config", str(config), env={"OMP_NUM_THREADS": "1"})

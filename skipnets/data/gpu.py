@@ -315,6 +315,7 @@ class GPUVisionData(DataModule):
                 f"or point --data.init_args.root at a folder holding it ({source.how_to_get})."
             )
         self._splits: dict[str, tuple[Tensor, Tensor]] = {}
+        self._flip_bits: Tensor | None = None
 
     default_crop_padding = 0
     default_flip = False
@@ -352,6 +353,7 @@ class GPUVisionData(DataModule):
         }
         self._mean = torch.tensor(self.source.mean, device=device)
         self._std = torch.tensor(self.source.std, device=device)
+        self._flip_bits = None
 
     def _train_transform(
         self,
@@ -366,7 +368,9 @@ class GPUVisionData(DataModule):
         if flip == "alternate":
             if indices is None:
                 raise ValueError("the alternating flip needs the images' dataset indices")
-            flip = alternating_flips(self.seed, indices, epoch)
+            flip = self._first_epoch_flips(indices.device)[indices]
+            if epoch % 2:
+                flip = ~flip
         return augment(
             images,
             generator,
@@ -377,6 +381,16 @@ class GPUVisionData(DataModule):
             self._std,
             padding_mode=self.padding_mode,
         )
+
+    def _first_epoch_flips(self, device: torch.device) -> Tensor:
+        # Every training image's bit of ``alternating_flips`` for epoch 0, hashed once: each
+        # batch then costs one gather (and a negation in odd epochs), not a dozen small kernels.
+        cached = self._flip_bits
+        if cached is None or cached.device != device:
+            count = len(self._splits["train"][1])
+            indices = torch.arange(count, device=device)
+            cached = self._flip_bits = alternating_flips(self.seed, indices, epoch=0)
+        return cached
 
     def _eval_transform(self, images: Tensor, generator: torch.Generator) -> Tensor:
         return augment(images, generator, mean=self._mean, std=self._std)
