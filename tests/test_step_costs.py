@@ -184,6 +184,20 @@ def test_cli_runs_get_the_timed_progress_bar_unless_the_config_names_one(tmp_pat
     assert off.trainer.progress_bar_callback is None
 
 
+def test_cli_runs_profile_nothing_at_no_cost_unless_a_profiler_is_chosen(tmp_path):
+    from lightning.pytorch.profilers import SimpleProfiler
+
+    from skipnets.lightning_cli import NoProfiler
+
+    trainer = _cli(tmp_path).trainer
+    assert type(trainer.profiler) is NoProfiler
+    with trainer.profiler.profile("[Callback]x.on_train_batch_end") as entered:
+        assert entered is None
+    assert trainer.profiler.profile("a") is trainer.profiler.profile("b")  # nothing built per call
+    chosen = _cli(tmp_path, "--trainer.profiler=simple").trainer
+    assert type(chosen.profiler) is SimpleProfiler
+
+
 def test_batches_already_on_the_device_are_handed_on_as_they_are():
     data = Digits(image_size=None)
     batch = (torch.zeros(2, 64), torch.zeros(2, dtype=torch.long))

@@ -11,6 +11,7 @@ before normalisation, flip with probability one half).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -70,23 +71,23 @@ def augment(
         p = crop_padding
         top = torch.randint(0, 2 * p + 1, (n,), generator=generator, device=device)
         left = torch.randint(0, 2 * p + 1, (n,), generator=generator, device=device)
-        rows = (top[:, None] + torch.arange(height, device=device))[:, :, None]
-        cols = (left[:, None] + torch.arange(width, device=device))[:, None, :]
-        if padding_mode == "constant":
-            source = torch.nn.functional.pad(images, (p, p, p, p))
-        else:  # the padded copy's rows and columns, read straight from the image
-            source, rows, cols = images, _reflect(rows - p, height), _reflect(cols - p, width)
+        reflect = padding_mode == "reflect"
+        samples, row_table, col_table = _crop_tables(device, n, height, width, p, reflect)
+        rows, cols = row_table[top][:, :, None], col_table[left][:, None, :]
+        # Reflect: the padded copy's rows and columns, read straight from the image.
+        source = images if reflect else torch.nn.functional.pad(images, (p, p, p, p))
         # Advanced indices around a slice put their dimensions first: (N, H, W, C).
-        images = source[torch.arange(n, device=device)[:, None, None], :, rows, cols]
-        images = images.permute(0, 3, 1, 2)
+        images = source[samples, :, rows, cols].permute(0, 3, 1, 2)
     if isinstance(flip, Tensor):
         images = torch.where(flip[:, None, None, None], images.flip(3), images)
     elif flip:
         mirrored = torch.rand(n, generator=generator, device=device) < 0.5
         images = torch.where(mirrored[:, None, None, None], images.flip(3), images)
     out = images.float().div_(255)
-    if mean is not None and std is not None:
-        out = out.sub_(mean[:, None, None]).div_(std[:, None, None])
+    if mean is not None and std is not None:  # (C,), or (C, 1, 1) as the data modules keep them
+        mean = mean[:, None, None] if mean.ndim == 1 else mean
+        std = std[:, None, None] if std.ndim == 1 else std
+        out = out.sub_(mean).div_(std)
     if cutout:
         cy = torch.randint(0, height, (n, 1, 1), generator=generator, device=device)
         cx = torch.randint(0, width, (n, 1, 1), generator=generator, device=device)
@@ -97,6 +98,23 @@ def augment(
         inside &= xs < cx - low + cutout
         out = out.masked_fill(inside[:, None], 0.0)
     return out.contiguous()
+
+
+@functools.lru_cache(maxsize=32)
+def _crop_tables(
+    device: torch.device, n: int, height: int, width: int, padding: int, reflect: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The index tensors of a batch's crop that do not depend on its random offsets: the sample
+    index ``(n, 1, 1)``, and for each offset ``0..2 * padding`` the rows and the columns it reads
+    (of the padded copy, or of the image itself through the reflection). A batch then gathers
+    its rows and columns with one indexing each instead of a dozen small operations."""
+    with torch.inference_mode(False):  # kept for later batches, whatever mode this one runs in
+        offsets = torch.arange(2 * padding + 1, device=device)[:, None]
+        rows = offsets + torch.arange(height, device=device)
+        cols = offsets + torch.arange(width, device=device)
+        if reflect:
+            rows, cols = _reflect(rows - padding, height), _reflect(cols - padding, width)
+        return torch.arange(n, device=device)[:, None, None], rows, cols
 
 
 def _reflect(index: Tensor, size: int) -> Tensor:
@@ -351,8 +369,9 @@ class GPUVisionData(DataModule):
             "val": (images[val].to(device), labels[val].to(device)),
             "test": (test_images.to(device), test_labels.to(device)),
         }
-        self._mean = torch.tensor(self.source.mean, device=device)
-        self._std = torch.tensor(self.source.std, device=device)
+        # Shaped to broadcast over (N, C, H, W) as they are: no reshaping at every batch.
+        self._mean = torch.tensor(self.source.mean, device=device).view(-1, 1, 1)
+        self._std = torch.tensor(self.source.std, device=device).view(-1, 1, 1)
         self._flip_bits = None
 
     def _train_transform(
