@@ -53,6 +53,27 @@ def quiet_trainer(**kwargs) -> L.Trainer:
     return L.Trainer(**{**options, **kwargs})
 
 
+class Wrapped(L.LightningModule):
+    """A bare network as a LightningModule, for a plugin's hooks: cross-entropy training with
+    SGD at ``lr`` (0: the weights stay as built) and a validation that computes nothing."""
+
+    def __init__(self, model: torch.nn.Module, lr: float = 0.05) -> None:
+        super().__init__()
+        self.model, self.lr = model, lr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
 def run_skipnets(
     *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 300
 ):

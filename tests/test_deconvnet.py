@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from captum.attr import NeuronDeconvolution, NeuronGuidedBackprop
-from conftest import quiet_trainer
+from conftest import Wrapped, quiet_trainer
 from skipnets_plugins.deconvnet import DeconvNet, project, unit_regions
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -107,24 +107,6 @@ def test_unit_regions_follows_the_layer_arithmetic():
     ]
 
 
-class Net(L.LightningModule):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(x)
-
-    def training_step(self, batch, batch_idx):
-        return F.cross_entropy(self(batch[0]), batch[1])
-
-    def validation_step(self, batch, batch_idx):
-        pass
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
-
-
 class Data(L.LightningDataModule):
     def __init__(self, shape=(1, 8, 8)) -> None:
         super().__init__()
@@ -141,7 +123,9 @@ class Data(L.LightningDataModule):
 
 def run(tmp_path: Path, callback: DeconvNet, model: nn.Module | None = None, shape=(1, 8, 8)):
     torch.manual_seed(0)
-    module = Net(model or CifarResNet([1, 2, 1], num_classes=4, in_channels=1, widths=(4, 6, 8)))
+    module = Wrapped(
+        model or CifarResNet([1, 2, 1], num_classes=4, in_channels=1, widths=(4, 6, 8))
+    )
     quiet_trainer(
         max_epochs=1, num_sanity_val_steps=0, default_root_dir=tmp_path, callbacks=[callback]
     ).fit(module, datamodule=Data(shape))

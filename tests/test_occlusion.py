@@ -11,9 +11,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 from captum.attr import Occlusion as CaptumOcclusion
-from conftest import quiet_trainer
+from conftest import Wrapped, quiet_trainer
 from skipnets_plugins.occlusion import Occlusion, occlusion_maps
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -128,24 +127,6 @@ def marker_net() -> nn.Sequential:
     return net
 
 
-class Net(L.LightningModule):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(x)
-
-    def training_step(self, batch, batch_idx):
-        return F.cross_entropy(self(batch[0]), batch[1])
-
-    def validation_step(self, batch, batch_idx):
-        pass
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)  # the weights stay as built
-
-
 class MarkerData(L.LightningDataModule):
     """Faint noise; images of class 1 carry the marker, those of class 0 do not."""
 
@@ -176,7 +157,7 @@ def test_the_probability_drops_where_the_occluder_hides_the_marker(tmp_path):
     callback = Occlusion(samples=[0, 1, 4], size=3, stride=1, fill=0.0, layer="2")
     quiet_trainer(
         max_epochs=1, num_sanity_val_steps=0, default_root_dir=tmp_path, callbacks=[callback]
-    ).fit(Net(marker_net()), datamodule=MarkerData())
+    ).fit(Wrapped(marker_net(), lr=0.0), datamodule=MarkerData())
     folder = tmp_path / "occlusion"
     assert {p.name for p in folder.iterdir()} == {"occlusion.csv", "occlusion.png"}
     assert (folder / "occlusion.png").stat().st_size > 5_000
@@ -226,7 +207,7 @@ def test_bad_settings_are_clear_errors(tmp_path):
     def fit(callback: Occlusion) -> None:
         quiet_trainer(
             max_epochs=1, num_sanity_val_steps=0, default_root_dir=tmp_path, callbacks=[callback]
-        ).fit(Net(marker_net()), datamodule=MarkerData())
+        ).fit(Wrapped(marker_net(), lr=0.0), datamodule=MarkerData())
 
     with pytest.raises(ConfigError, match=r"no layer named 'blocks\.3'"):
         fit(Occlusion(layer="blocks.3"))

@@ -1,6 +1,6 @@
-"""The schedule shared by the plugins that measure a network as it is at a few moments: when
-``fit`` starts, every few epochs, when training ends, and on a checkpoint (``skipnets
-analyse``)."""
+"""The schedules shared by the plugins that measure a network as it is at a few moments: when
+training ends and on a checkpoint (``skipnets analyse``), and for some also when ``fit`` starts
+and every few epochs."""
 
 from __future__ import annotations
 
@@ -11,6 +11,26 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
 from skipnets_plugins._plotting import log_rows
+
+
+def on_a_checkpoint(trainer: L.Trainer) -> bool:
+    """Whether a validation is a standalone one (``skipnets analyse`` or a plugin's command on a
+    checkpoint), not ``fit``'s own validation or its sanity check."""
+    return trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking
+
+
+class RunWhenTrained(Callback):
+    """Calls :meth:`run` when training ends and in a standalone validation on a checkpoint."""
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
+        raise NotImplementedError
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.run(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if on_a_checkpoint(trainer):
+            self.run(trainer, pl_module)
 
 
 class MeasuredAtMilestones(Callback):
@@ -59,7 +79,7 @@ class MeasuredAtMilestones(Callback):
             log_rows(trainer, self.table, self.columns, self.rows)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking:
+        if on_a_checkpoint(trainer):
             self.reset()
             self.measure(trainer, pl_module, "checkpoint")
             if trainer.is_global_zero:

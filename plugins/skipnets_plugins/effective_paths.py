@@ -14,8 +14,6 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from matplotlib.ticker import MaxNLocator
 from torch import Tensor, nn
@@ -32,6 +30,7 @@ from skipnets.errors import ConfigError
 from skipnets.nn import SkipBlock, network_name, skip_blocks
 from skipnets.papers import VEIT_2016
 from skipnets.runs import plugin_dir
+from skipnets_plugins._milestones import RunWhenTrained
 from skipnets_plugins._plotting import (
     latest_result,
     log_rows,
@@ -63,7 +62,7 @@ COLUMNS = (
 _COUNT, _SUM, _SQ, _FIRST = range(4)
 
 
-class EffectivePaths(Callback):
+class EffectivePaths(RunWhenTrained):
     """The gradient that paths of each length carry, and the lengths that carry most of it.
 
     A network of ``n`` skip blocks unravels into ``2**n`` paths, each taking the branch of some
@@ -141,13 +140,6 @@ class EffectivePaths(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         arch = getattr(pl_module, "hparams", {}).get("arch")
         self._blocks = routable_blocks(pl_module, f"model {arch!r}" if arch else None)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.run(trainer, pl_module)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking:
-            self.run(trainer, pl_module)
 
     # -- the measurement ----------------------------------------------------------------------
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[dict[str, Any]]:

@@ -12,8 +12,6 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from matplotlib.patches import Rectangle
 from torch import nn
@@ -22,6 +20,7 @@ from skipnets.errors import ConfigError
 from skipnets.nn import SkipBlock, network_name, skip_blocks
 from skipnets.papers import HUANG_2017
 from skipnets.runs import plugin_dir
+from skipnets_plugins._milestones import RunWhenTrained
 from skipnets_plugins._plotting import (
     latest_result,
     log_rows,
@@ -63,7 +62,7 @@ class DenseBlock:
         return ["input", *self.layers]
 
 
-class FeatureReuse(Callback):
+class FeatureReuse(RunWhenTrained):
     """Heat map of the weights each layer of a dense block gives to each earlier layer.
 
     In a dense block layer ``l`` reads the concatenation ``[x_0, x_1, ..., x_{l-1}]`` of the
@@ -108,13 +107,6 @@ class FeatureReuse(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         arch = getattr(pl_module, "hparams", {}).get("arch")
         self.blocks = dense_blocks(pl_module, f"model {arch!r}" if arch else None)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.run(trainer, pl_module)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking:
-            self.run(trainer, pl_module)
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[dict[str, Any]]:
         """Read the map from the model's weights; rank zero writes and logs it (the weights are

@@ -9,13 +9,13 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from skipnets.data.analysis import Split, analysis_split, check_split, inputs_of
 from skipnets.errors import ConfigError
 from skipnets.nn import SkipBlock, network_name, skip_blocks
 from skipnets.runs import plugin_dir
+from skipnets_plugins._milestones import on_a_checkpoint
 from skipnets_plugins._plotting import log_rows, new_figure, save_figure, write_csv
 
 COLUMNS = (
@@ -136,7 +136,7 @@ class HighwayGates(Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A standalone `validate` (``skipnets analyse HighwayGates``): the checkpoint's weights.
-        if trainer.state.fn == TrainerFn.VALIDATING:
+        if on_a_checkpoint(trainer):
             self.measure(trainer, pl_module)
             if trainer.is_global_zero and self.rows:
                 log_rows(trainer, "highway_gates/table", COLUMNS, self.rows)

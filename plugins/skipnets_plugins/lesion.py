@@ -13,8 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from matplotlib.ticker import MaxNLocator
 from torch import nn
@@ -23,6 +22,7 @@ from skipnets.data.analysis import AnalysisSplit, Split, analysis_split, check_s
 from skipnets.errors import ConfigError
 from skipnets.nn import SkipBlock, network_name, skip_blocks
 from skipnets.runs import plugin_dir
+from skipnets_plugins._milestones import RunWhenTrained
 from skipnets_plugins._plotting import (
     latest_result,
     log_rows,
@@ -58,7 +58,7 @@ class LesionResult:
 COLUMNS = [f.name for f in fields(LesionResult)]
 
 
-class Lesion(Callback):
+class Lesion(RunWhenTrained):
     """Evaluates the trained model with each skip block lesioned, against the intact model.
 
     A lesioned block keeps only its identity path: a residual block its shortcut, a highway
@@ -131,13 +131,6 @@ class Lesion(Callback):
                 f"Lesion needs a model built from skip blocks, but {what} has none "
                 "(`skipnets models` marks the architectures with skip connections)"
             )
-
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.run(trainer, pl_module)
-
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking:
-            self.run(trainer, pl_module)
 
     # -- the study ----------------------------------------------------------------------------
     def run(self, trainer: Trainer, pl_module: LightningModule) -> list[LesionResult]:

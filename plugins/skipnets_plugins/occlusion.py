@@ -14,7 +14,6 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from matplotlib import colormaps
@@ -25,6 +24,7 @@ from skipnets.data.analysis import AnalysisSplit, Split, analysis_split, check_s
 from skipnets.errors import ConfigError
 from skipnets.nn import network_name, skip_blocks
 from skipnets.runs import plugin_dir
+from skipnets_plugins._milestones import RunWhenTrained
 from skipnets_plugins._plotting import (
     latest_result,
     log_rows,
@@ -188,7 +188,7 @@ def occlusion_maps(
 
 
 # -- the callback -----------------------------------------------------------------------------
-class Occlusion(Callback):
+class Occlusion(RunWhenTrained):
     """Occlusion sensitivity maps of a few images (Zeiler & Fergus 2014, Fig. 7).
 
     A grey square is slid over each of the first ``samples`` images of a split (or the images
@@ -356,15 +356,7 @@ class Occlusion(Callback):
     def _indices(self) -> list[int]:
         return list(range(self.samples)) if isinstance(self.samples, int) else list(self.samples)
 
-    # -- when it runs ---------------------------------------------------------------------------
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.run(trainer, pl_module)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # A standalone `validate` (``skipnets analyse Occlusion``): the checkpoint's weights.
-        if trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking:
-            self.run(trainer, pl_module)
-
+    # -- the analysis (RunWhenTrained: when training ends, and on a checkpoint) ----------------
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Path]:
         """Occlude the images and write the figure and CSV; only rank zero does anything.
         Returns the files written."""
