@@ -417,14 +417,18 @@ class EpochTimer(L.Callback):
 class StepProfiler(L.Callback):
     """``torch.profiler`` over a few steady training steps of one epoch; see :func:`profiled`."""
 
-    def __init__(self, directory: Path, name: str, epoch: int) -> None:
-        self.directory, self.name, self.epoch = directory, name, epoch
+    def __init__(self, directory: Path, name: str, epoch: int, first: bool = False) -> None:
+        self.directory, self.name, self.epoch, self.first = Path(directory), name, epoch, first
         self._profiler: Any = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.current_epoch == self.epoch:
             self._profiler = profiled(
-                self.directory, self.name, pl_module.device, trainer.num_training_batches
+                self.directory,
+                self.name,
+                pl_module.device,
+                trainer.num_training_batches,
+                first=self.first,
             )
             self._profiler.__enter__()
 
@@ -438,15 +442,23 @@ class StepProfiler(L.Callback):
             self._profiler = None
 
 
-def profiled(directory: Path, name: str, device: torch.device, steps: int) -> Any:
+def profiled(
+    directory: Path, name: str, device: torch.device, steps: int, first: bool = False
+) -> Any:
     """A ``torch.profiler.profile`` that skips the epoch's first steps, records a few after a
     warm-up, and writes ``DIR/<name>.trace.json`` (open it in Perfetto or chrome://tracing) and
-    ``DIR/<name>.txt`` (the operators by total time). Call ``step()`` after every step."""
+    ``DIR/<name>.txt`` (the operators by total time). Call ``step()`` after every step.
+
+    ``first``: the epoch's first two steps instead, Python's call stacks included, and a third
+    table of the host's time by call stack: where a fresh process's first step goes."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    wait = min(2, max(steps - 3, 0))
-    warmup = min(2, max(steps - wait - 1, 0))
-    active = max(1, min(5, steps - wait - warmup))
+    if first:
+        wait, warmup, active = 0, 0, max(1, min(2, steps))
+    else:
+        wait = min(2, max(steps - 3, 0))
+        warmup = min(2, max(steps - wait - 1, 0))
+        active = max(1, min(5, steps - wait - warmup))
     directory.mkdir(parents=True, exist_ok=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     # On a GPU the host's time per operator (the framework's share) and the device's both count.
@@ -455,18 +467,27 @@ def profiled(directory: Path, name: str, device: torch.device, steps: int) -> An
     def write(prof: Any) -> None:
         prof.export_chrome_trace(str(directory / f"{name}.trace.json"))
         averages = prof.key_averages()
+        steps_name = "first training steps" if first else "steady training steps"
         tables = [
-            f"{name}: {active} steady training steps on {device}, by {sort}\n\n"
+            f"{name}: {active} {steps_name} on {device}, by {sort}\n\n"
             + averages.table(sort_by=sort, row_limit=40)
             for sort in sorts
         ]
+        if first:
+            tables.append(
+                f"{name}: {active} {steps_name} on {device}, host time by call stack\n\n"
+                + prof.key_averages(group_by_stack_n=8).table(
+                    sort_by="self_cpu_time_total", row_limit=25
+                )
+            )
         (directory / f"{name}.txt").write_text("\n\n".join(tables))
 
     return profile(
         activities=activities,
         schedule=schedule(wait=wait, warmup=warmup, active=active, repeat=1),
         on_trace_ready=write,
-        record_shapes=True,
+        record_shapes=not first,
+        with_stack=first,
     )
 
 
@@ -548,6 +569,7 @@ def hand_written(
     profile: Path | None = None,
     epochs: int | None = None,
     validate: bool = False,
+    profile_first: Path | None = None,
 ) -> Timing:
     """The recipe as a plain PyTorch loop over the same network, data path and settings
     (``validate``: also at the end of the last epoch, whatever the config says)."""
@@ -627,6 +649,9 @@ def hand_written(
         profiler = None
         if profile is not None and epoch == min(1, epochs - 1):
             profiler = profiled(profile, "hand_written", device, len(train_loader))
+        elif profile_first is not None and epoch == 0:
+            name = "hand_written_first_steps"
+            profiler = profiled(profile_first, name, device, len(train_loader), first=True)
         train_loader.sampler.set_epoch(epoch)
         model.train()
         with profiler or nullcontext():
@@ -765,25 +790,48 @@ def _run_process(command: list[str], out: Path, log: Path) -> Timing:
 
 
 def skipnets_process(
-    recipe: Recipe, root: Path, device: torch.device, logger: bool, work: Path
+    recipe: Recipe,
+    root: Path,
+    device: torch.device,
+    logger: bool,
+    work: Path,
+    profile_first: Path | None = None,
 ) -> Timing:
-    """``skipnets fit`` as a command, from launch to exit (test after fit included)."""
-    out = work / "skipnets_process.json"
+    """``skipnets fit`` as a command, from launch to exit (test after fit included);
+    ``profile_first``: profile its first steps into that folder (the timings then include
+    the profiler's cost)."""
+    tag = "_profiled" if profile_first else ""
+    out = work / f"skipnets_process{tag}.json"
     timer = {"class_path": "benchmarks.bench_gpu.EpochTimer", "init_args": {"out": str(out)}}
     command = [
         sys.executable,
         "-m",
         "skipnets",
         "fit",
-        *cli_args(recipe, root, work / "skipnets_run", device, logger, compile=False),
+        *cli_args(recipe, root, work / f"skipnets_run{tag}", device, logger, compile=False),
         f"--trainer.callbacks+={json.dumps(timer)}",
     ]
-    return _run_process(command, out, work / "skipnets_process.log")
+    if profile_first:
+        profiler = {
+            "class_path": "benchmarks.bench_gpu.StepProfiler",
+            "init_args": {
+                "directory": str(profile_first),
+                "name": "skipnets_fit_first_steps",
+                "epoch": 0,
+                "first": True,
+            },
+        }
+        command.append(f"--trainer.callbacks+={json.dumps(profiler)}")
+    return _run_process(command, out, work / f"skipnets_process{tag}.log")
 
 
-def hand_written_process(options: argparse.Namespace, root: Path, work: Path) -> Timing:
-    """The hand-written loop as a command (this module's ``--child``), from launch to exit."""
-    out = work / "hand_written_process.json"
+def hand_written_process(
+    options: argparse.Namespace, root: Path, work: Path, profile_first: Path | None = None
+) -> Timing:
+    """The hand-written loop as a command (this module's ``--child``), from launch to exit;
+    ``profile_first`` as for :func:`skipnets_process`."""
+    tag = "_profiled" if profile_first else ""
+    out = work / f"hand_written_process{tag}.json"
     command = [
         sys.executable,
         "-m",
@@ -794,7 +842,9 @@ def hand_written_process(options: argparse.Namespace, root: Path, work: Path) ->
         str(root),
     ]
     command += _recipe_arguments(options)
-    return _run_process(command, out, work / "hand_written_process.log")
+    if profile_first:
+        command += ["--profile-first-steps", str(profile_first)]
+    return _run_process(command, out, work / f"hand_written_process{tag}.log")
 
 
 def _recipe_arguments(options: argparse.Namespace) -> list[str]:
@@ -810,7 +860,8 @@ def child(options: argparse.Namespace) -> int:
     device = torch.device(options.device)
     _warm_up(device)
     recipe = _recipe(options, options.config)
-    timing = hand_written(recipe, Path(options.data), device, test=True)
+    first = Path(options.profile_first_steps) if options.profile_first_steps else None
+    timing = hand_written(recipe, Path(options.data), device, test=True, profile_first=first)
     Path(options.child).write_text(json.dumps(timing.as_dict()))
     return 0
 
@@ -983,6 +1034,13 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
             ).as_dict()
             _log("fresh processes: hand-written loop ...")
             report["hand_written_process"] = hand_written_process(options, root, work).as_dict()
+            save(report)
+        if options.profile_first_steps and not options.no_process:
+            first = Path(options.profile_first_steps)
+            _log(f"fresh processes again, their first steps profiled into {first} ...")
+            skipnets_process(recipe, root, device, logger, work, profile_first=first)
+            hand_written_process(options, root, work, profile_first=first)
+            report["profile_first_steps"] = sorted(str(p) for p in first.iterdir())
             save(report)
         # cuDNN's autotuning and CUDA's kernel loading, once for the whole process, so that
         # the one-process first epochs differ by what each side does, not by which ran first.
@@ -1256,6 +1314,8 @@ def report_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"{verdict}  {target['name']}: {shown} (target {target['target']}){note}")
     if report.get("profile"):
         lines.append("profiles: " + ", ".join(report["profile"]))
+    if report.get("profile_first_steps"):
+        lines.append("first-step profiles: " + ", ".join(report["profile_first_steps"]))
     return lines
 
 
@@ -1372,6 +1432,12 @@ def parser() -> argparse.ArgumentParser:
         default="config",
         help="skipnets fit's logger: the config's (W&B, offline; the default) or none",
     )
+    parser.add_argument(
+        "--profile-first-steps",
+        metavar="DIR",
+        help="run the fresh processes once more, their first two steps profiled (Python's call "
+        "stacks included) into DIR; the figures come from the unprofiled runs",
+    )
     parser.add_argument("--no-process", action="store_true", help="skip the fresh-process runs")
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -1386,6 +1452,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     options.config = options.config.resolve()
     if options.data:
         options.data = str(Path(options.data).resolve())
+    if options.profile_first_steps:  # the child processes run in the repository's root
+        options.profile_first_steps = str(Path(options.profile_first_steps).resolve())
     return options
 
 

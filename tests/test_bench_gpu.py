@@ -106,6 +106,26 @@ def test_profile_writes_a_trace_and_a_table_of_steady_steps(tmp_path):
         assert "aten::convolution" in (profile / f"{name}.txt").read_text()
 
 
+def test_first_steps_of_fresh_processes_are_profiled_with_their_call_stacks(tmp_path):
+    """``--profile-first-steps``: both fresh processes once more, their first two steps
+    profiled with Python's call stacks; the report's figures stay the unprofiled runs'."""
+    options = bench_gpu.parse([*TINY, "--profile-first-steps", str(tmp_path / "first")])
+    recipe = bench_gpu._recipe(options, options.config)
+    root = bench_gpu.write_cifar10(tmp_path / "data", 160, 32)
+    work, first = tmp_path / "work", Path(options.profile_first_steps)
+    work.mkdir()
+    cpu = torch.device("cpu")
+    bench_gpu.skipnets_process(recipe, root, cpu, False, work, profile_first=first)
+    bench_gpu.hand_written_process(options, root, work, profile_first=first)
+    for name in ("skipnets_fit_first_steps", "hand_written_first_steps"):
+        table = (first / f"{name}.txt").read_text()
+        assert "2 first training steps" in table and "host time by call stack" in table
+        trace = json.loads((first / f"{name}.trace.json").read_text())
+        steps = [e for e in trace["traceEvents"] if str(e.get("name")).startswith("ProfilerStep")]
+        assert len(steps) == 2
+        assert any(e.get("cat") == "python_function" for e in trace["traceEvents"])
+
+
 def test_random_files_are_read_as_cifar10(tmp_path):
     root = bench_gpu.write_cifar10(tmp_path, train_size=23, test_size=7)
     images, labels = bench_gpu.read_cifar10(root, train=True)
