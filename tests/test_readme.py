@@ -158,6 +158,9 @@ NOT_RUN = {
     ),
     "python -m benchmarks.bench_gpu --data /path/to/cifar --compile --profile runs/profile "
     "--json gpu.json": "needs CIFAR-10 and a GPU",
+    "python -m benchmarks.bench_gpu --profile-first-steps runs/first": (
+        "needs a GPU; tests/test_bench_gpu.py profiles the first steps of both sides on the CPU"
+    ),
     "python -m benchmarks.bench_gpu --device cpu --epochs 2 --train-size 1024 --batch-size 32 "
     "--width-divisor 16 --precision 32": (
         "a CPU run of minutes; tests/test_bench_gpu.py runs a smaller one"
