@@ -101,6 +101,9 @@ class SkipnetsCLI(LightningCLI):
         check_config_names(given)
         self._subcommand = given[0] if isinstance(given, list) and given else None
         kwargs.setdefault("trainer_defaults", _trainer_defaults())
+        # LightningCLI's default (`true`, "a random seed") seeds with 0 and warns "No seed found"
+        # on every run that names none: seed 0 it is, said in `--help` and the saved config.
+        kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("save_config_callback", SaveRunConfig)
         # Lightning's support for `Classifier.load_from_checkpoint` of a subclass dumps the whole
         # config once more before building the model, to record it as the hyperparameters of

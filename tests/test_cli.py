@@ -194,3 +194,15 @@ def test_invalid_yaml_names_its_file_and_line(tmp_path, capsys) -> None:
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith(f"skipnets: error: the config file {config} is not valid YAML: ")
     assert "(line 3, column 1)" in message
+
+
+def test_a_config_without_a_seed_is_seeded_with_0_without_a_warning(tmp_path, recwarn) -> None:
+    """LightningCLI's own default seeds with 0 and warns "No seed found" on every such run."""
+    from skipnets.lightning_cli import SkipnetsCLI
+
+    args = ["--model=Classifier", "--data=Digits", "--trainer.logger=false"]
+    cli = SkipnetsCLI(args=[*args, f"--trainer.default_root_dir={tmp_path}"], run=False)
+    assert cli.config["seed_everything"] == 0
+    assert not [w for w in recwarn if "seed" in str(w.message).lower()]
+    seeded = SkipnetsCLI(args=[*args, "--seed_everything=7"], run=False)
+    assert seeded.config["seed_everything"] == 7
