@@ -178,7 +178,9 @@ def test_callback_finds_the_top_activations_and_draws(tmp_path):
         assert {int(r["channel"]) for r in mine} == set(strongest.tolist())
 
 
-@pytest.mark.filterwarnings("ignore:DeconvNet. Wrapped has no max pooling:UserWarning")  # on purpose
+@pytest.mark.filterwarnings(
+    "ignore:DeconvNet. Wrapped has no max pooling:UserWarning"
+)  # on purpose
 def test_named_layers_channels_and_errors(tmp_path):
     callback = DeconvNet(
         layers=["blocks.1"], channels=[0, 5], methods=["deconvnet"], refinement_stage=-1, top_k=3
