@@ -418,11 +418,9 @@ class Whitening(L.Callback):
         self.biases.append(whiten.bias.detach().clone())
 
 
-def test_whitening_is_initialised_from_training_images_and_its_bias_trains_for_n_epochs(
-    cifar_root: Path,
-):
-    torch.manual_seed(0)
-    default = create_model("airbench94", **TINY).whiten.weight.detach().clone()
+def _whitening_bias_trained_for_one_epoch(cifar_root: Path, **options) -> tuple:
+    """Two epochs with ``whiten_bias_epochs=1``: the trainer and the whitening layer's record,
+    after checking that its bias trained in the first epoch and stayed as it was in the second."""
     record = Whitening()
     trainer = _airbench_fit(
         cifar_root,
@@ -430,7 +428,20 @@ def test_whitening_is_initialised_from_training_images_and_its_bias_trains_for_n
         callbacks=[record],
         optimizer=SGD,
         arch_kwargs={"whiten_bias_epochs": 1},
+        **options,
     )
+    start, after_first, after_second = record.biases
+    assert not torch.equal(after_first, start)  # trained in epoch 0
+    assert torch.equal(after_second, after_first)  # not in epoch 1
+    return trainer, record
+
+
+def test_whitening_is_initialised_from_training_images_and_its_bias_trains_for_n_epochs(
+    cifar_root: Path,
+):
+    torch.manual_seed(0)
+    default = create_model("airbench94", **TINY).whiten.weight.detach().clone()
+    trainer, record = _whitening_bias_trained_for_one_epoch(cifar_root)
     # Initialised at fit start from the 40 training images without augmentation.
     data = trainer.datamodule
     images = torch.cat([x for x, _ in data.analysis_split("train")])
@@ -439,9 +450,6 @@ def test_whitening_is_initialised_from_training_images_and_its_bias_trains_for_n
     assert not torch.allclose(record.weights[0], default)
     torch.testing.assert_close(record.weights[0], reference.whiten.weight)
     assert all(torch.equal(w, record.weights[0]) for w in record.weights)  # never trained
-    start, after_first, after_second = record.biases
-    assert not torch.equal(after_first, start)  # trained in epoch 0
-    assert torch.equal(after_second, after_first)  # not in epoch 1
     assert not trainer.lightning_module.model.whiten.bias.requires_grad
 
 
@@ -475,18 +483,7 @@ def test_a_compiled_network_stops_the_whitening_bias_without_compiling_again(cif
 
     torch._dynamo.reset()
     counters.clear()
-    record = Whitening()
-    trainer = _airbench_fit(
-        cifar_root,
-        max_epochs=2,
-        callbacks=[record],
-        optimizer=SGD,
-        arch_kwargs={"whiten_bias_epochs": 1},
-        compile={"backend": "eager"},
-    )
-    start, after_first, after_second = record.biases
-    assert not torch.equal(after_first, start)  # trained in epoch 0
-    assert torch.equal(after_second, after_first)  # not in epoch 1
+    trainer, _ = _whitening_bias_trained_for_one_epoch(cifar_root, compile={"backend": "eager"})
     assert trainer.lightning_module.model.whiten.bias.requires_grad
     # One graph for the training forward pass, traced once: nothing recompiled at epoch 1.
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
