@@ -9,8 +9,37 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
+from torch import nn
 
 from skipnets_plugins._plotting import log_rows
+
+#: The columns every milestone measurement's row starts with (:func:`milestone_fields`).
+MILESTONE_COLUMNS = ("when", "epoch", "step", "arch", "depth")
+
+
+def model_depth(pl_module: L.LightningModule) -> int:
+    """The depth the registry's builder was given, else the number of layers with weights."""
+    hparams = getattr(pl_module, "hparams", {}) or {}
+    depth = (hparams.get("arch_kwargs") or {}).get("depth")
+    if isinstance(depth, int):
+        return depth
+    layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    return sum(isinstance(m, layers) for m in pl_module.modules())
+
+
+def arch_name(pl_module: L.LightningModule) -> str:
+    return (getattr(pl_module, "hparams", {}) or {}).get("arch") or type(pl_module).__name__
+
+
+def milestone_fields(trainer: L.Trainer, pl_module: L.LightningModule, when: str) -> dict:
+    """The first fields of a measurement's row: when, where in training, which network."""
+    return {
+        "when": when,
+        "epoch": trainer.current_epoch,
+        "step": trainer.global_step,
+        "arch": arch_name(pl_module),
+        "depth": model_depth(pl_module),
+    }
 
 
 def on_a_checkpoint(trainer: L.Trainer) -> bool:

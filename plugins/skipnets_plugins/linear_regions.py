@@ -27,7 +27,12 @@ from skipnets.data.analysis import Split, analysis_split, check_split, inputs_of
 from skipnets.errors import ConfigError
 from skipnets.info import call_argument
 from skipnets.runs import plugin_dir
-from skipnets_plugins._milestones import MeasuredAtMilestones
+from skipnets_plugins._milestones import (
+    MILESTONE_COLUMNS,
+    MeasuredAtMilestones,
+    arch_name,
+    milestone_fields,
+)
 from skipnets_plugins._plotting import latest_result, new_figure, read_rows, save_figure, write_csv
 
 __all__ = [
@@ -42,11 +47,7 @@ __all__ = [
 ]
 
 COLUMNS = (
-    "when",
-    "epoch",
-    "step",
-    "arch",
-    "depth",
+    *MILESTONE_COLUMNS,
     "layers",
     "units",
     "widths",
@@ -577,20 +578,6 @@ def choose_anchors(
     )
 
 
-def model_depth(pl_module: L.LightningModule) -> int:
-    """The depth the registry's builder was given, else the number of layers with weights."""
-    hparams = getattr(pl_module, "hparams", {}) or {}
-    depth = (hparams.get("arch_kwargs") or {}).get("depth")
-    if isinstance(depth, int):
-        return depth
-    layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    return sum(isinstance(m, layers) for m in pl_module.modules())
-
-
-def arch_name(pl_module: L.LightningModule) -> str:
-    return (getattr(pl_module, "hparams", {}) or {}).get("arch") or type(pl_module).__name__
-
-
 def max_regions(widths: Sequence[int], inputs: int) -> int | None:
     """How many regions Montúfar et al. (2014) show a ReLU net with ``inputs`` inputs and hidden
     layers of ``widths`` (each at least ``inputs`` wide) can have, by folding its input space:
@@ -762,11 +749,7 @@ class LinearRegions(MeasuredAtMilestones):
         widths = probe.widths or []
         inputs = anchors.inputs[0].numel()
         row = {
-            "when": when,
-            "epoch": trainer.current_epoch,
-            "step": trainer.global_step,
-            "arch": arch_name(pl_module),
-            "depth": model_depth(pl_module),
+            **milestone_fields(trainer, pl_module, when),
             "layers": len(widths),
             "units": sum(widths),
             "widths": " ".join(map(str, widths)),

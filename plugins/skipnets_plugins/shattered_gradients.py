@@ -23,14 +23,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from skipnets.data.analysis import Split, check_split
 from skipnets.errors import ConfigError
-from skipnets_plugins._milestones import MeasuredAtMilestones
+from skipnets_plugins._milestones import MILESTONE_COLUMNS, MeasuredAtMilestones, milestone_fields
 from skipnets_plugins._plotting import latest_result, new_figure, read_rows, save_figure, write_csv
 from skipnets_plugins.linear_regions import (
     _check_int,
     _check_samples,
-    arch_name,
     choose_anchors,
-    model_depth,
     output_folder,
 )
 
@@ -43,11 +41,7 @@ __all__ = [
 ]
 
 COLUMNS = (
-    "when",
-    "epoch",
-    "step",
-    "arch",
-    "depth",
+    *MILESTONE_COLUMNS,
     "output",
     "batch_norm",
     "samples",
@@ -325,11 +319,7 @@ class ShatteredGradients(MeasuredAtMilestones):
         acf = autocorrelation(line.gradients, self.max_lag)
         length = correlation_length(acf)
         row = {
-            "when": when,
-            "epoch": trainer.current_epoch,
-            "step": trainer.global_step,
-            "arch": arch_name(pl_module),
-            "depth": model_depth(pl_module),
+            **milestone_fields(trainer, pl_module, when),
             "output": self._output_name(),
             "batch_norm": self.batch_norm,
             "samples": " ".join(map(str, anchors.positions)),
