@@ -127,7 +127,7 @@ def read_cifar10(root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 # The config entries the hand-written loop implements; any other one is listed in the report.
 HAND_WRITTEN_MODEL = {"arch", "arch_kwargs", "label_smoothing", "channels_last", "compile"}
-HAND_WRITTEN_MODEL |= {"lr_scheduler_interval"}
+HAND_WRITTEN_MODEL |= {"lr_scheduler_interval", "cuda_graphs"}
 HAND_WRITTEN_DATA = {"root", "download", "val_size", "batch_size", "eval_batch_size", "seed"}
 HAND_WRITTEN_DATA |= {"crop_padding", "padding_mode", "flip", "cutout", "drop_last"}
 TRAINER_STEP_OPTIONS = ("accumulate_grad_batches", "gradient_clip_val")
@@ -160,6 +160,7 @@ class Recipe:
     precision: str
     cudnn_benchmark: bool
     ema: dict[str, Any] | None
+    cuda_graphs: bool = False
     cli_overrides: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
 
@@ -216,6 +217,7 @@ class Recipe:
             precision=str(trainer.get("precision", "32")),
             cudnn_benchmark=bool(trainer.get("benchmark", False)),
             ema=_ema_settings(trainer.get("callbacks") or []),
+            cuda_graphs=bool(model.get("cuda_graphs", False)),
         )
         # What the hand-written loop does not implement, said next to its figures.
         ignored = [f"model.{k}" for k in set(model) - HAND_WRITTEN_MODEL]
@@ -512,6 +514,8 @@ def cli_args(
         args.append("--trainer.logger=false")
     if compile:
         args.append("--model.compile=true")
+    if recipe.cuda_graphs and (compile or device.type != "cuda"):
+        args.append("--model.cuda_graphs=false")  # as the loop: graphs need CUDA, not compile
     return args
 
 
@@ -639,7 +643,11 @@ def hand_written(
     ema = HandEMA(model, recipe.ema, total_steps) if recipe.ema else None
     if compile:
         model.compile()
-    autocast = _autocast(recipe.precision, device)
+    # model.cuda_graphs: recorded at the first batch, as the Classifier does (CUDA, uncompiled).
+    graphs = recipe.cuda_graphs and device.type == "cuda" and not compile
+    train_forward: Callable[[torch.Tensor], torch.Tensor] | None = None if graphs else model
+    # make_graphed_callables takes autocast without its weight cache (Lightning's setting).
+    autocast = _autocast(recipe.precision, device, cache=not graphs)
     evaluated = ema.average if ema is not None else model
 
     epoch_times, batch_times, first_epoch_steps = [], [], []
@@ -659,7 +667,10 @@ def hand_written(
                 if recipe.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast():
-                    loss = F.cross_entropy(model(x), y, label_smoothing=recipe.label_smoothing)
+                    if train_forward is None:
+                        train_forward = graphed_forward(model, x)
+                    logits = train_forward(x)
+                    loss = F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -734,9 +745,26 @@ class HandEMA:
             torch._foreach_copy_(self.current, self.averaged)
 
 
-def _autocast(precision: str, device: torch.device) -> Callable[[], Any]:
+def graphed_forward(
+    model: torch.nn.Module, x: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``model``'s training forward and backward as CUDA graphs recorded on the batch ``x``
+    (``torch.cuda.make_graphed_callables``), with the running statistics its warm-up passes
+    moved put back; a batch of another shape runs the model's own forward."""
+    eager = model.forward
+    buffers = list(model.buffers())
+    saved = [b.detach().clone() for b in buffers]
+    sample = x.detach().clone()
+    graphed = torch.cuda.make_graphed_callables(model, (sample,), allow_unused_input=True)
+    with torch.no_grad():
+        for buffer, value in zip(buffers, saved):
+            buffer.copy_(value)
+    return lambda batch: graphed(batch) if batch.shape == sample.shape else eager(batch)
+
+
+def _autocast(precision: str, device: torch.device, cache: bool = True) -> Callable[[], Any]:
     if precision in ("bf16-mixed", "bf16"):
-        return partial(torch.autocast, device.type, dtype=torch.bfloat16)
+        return partial(torch.autocast, device.type, dtype=torch.bfloat16, cache_enabled=cache)
     if precision in ("32", "32-true"):
         return nullcontext
     raise ValueError(

@@ -10,11 +10,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import instantiate_class
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 
 from skipnets.data.analysis import analysis_split, inputs_of
 from skipnets.errors import ConfigError
+from skipnets.graphs import TrainingGraph
 from skipnets.progress import TimedProgressBar
 from skipnets.registry import create_model, model_info
 
@@ -138,15 +140,23 @@ class Classifier(L.LightningModule):
             then follows ``lr`` alone whatever the batch size and momentum (airbench's
             normalisation, written for Nesterov momentum), and the decay per step follows
             ``weight_decay`` alone whatever ``lr``. SGD only.
+        cuda_graphs: run the network's training forward and backward passes from CUDA graphs
+            (``torch.cuda.make_graphed_callables``), recorded at the first training step: one
+            launch per pass instead of one per kernel, so that a small network's step is no
+            longer paced by the host (``skipnets.graphs``). The same values as without; steps a
+            graph cannot repeat (another batch shape, a plugin observing or altering skip
+            blocks, stochastic depth) run the network as usual. On one CUDA device, without
+            gradient accumulation; elsewhere (CPU, DDP) a warning says it is off. Not with
+            ``compile``.
 
     Networks that initialise themselves from data (airbench's whitening layer) expose
     ``init_from_data(images)`` and ``init_data_size``: at the start of ``fit`` (not when resuming
     from a checkpoint) they get the first ``init_data_size`` training images, without training
     augmentation, on their device; every rank gets the same ones. Networks that train some
     parameters for the first epochs only expose ``parameter_epochs`` (``{name: epochs}``):
-    from that epoch on the optimizer skips them (on one device, uncompiled, they stop requiring
-    gradients, which also saves their backward pass; under DDP or compiled, their gradient is
-    dropped before the optimizer step).
+    from that epoch on the optimizer skips them (on one device, uncompiled and without CUDA
+    graphs, they stop requiring gradients, which also saves their backward pass; otherwise their
+    gradient is dropped before the optimizer step).
     """
 
     def __init__(
@@ -165,6 +175,7 @@ class Classifier(L.LightningModule):
         tta: Literal["none", "mirror", "mirror_translate"] = "none",
         norm_bias_lr_scale: float = 1.0,
         decoupled_per_examples: int | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         super().__init__()
         if lr_scheduler_interval not in ("epoch", "step"):
@@ -181,6 +192,11 @@ class Classifier(L.LightningModule):
             raise ConfigError(f"model.tta mirrors and shifts images; {arch} takes vectors")
         _check_decoupled(optimizer, lr_scheduler, norm_bias_lr_scale, decoupled_per_examples)
         compile_options = _compile_options(compile)
+        if cuda_graphs and compile_options is not None:
+            raise ConfigError(
+                "model.cuda_graphs and model.compile both replace how the network runs: choose "
+                "one (torch.compile's own graphs: model.compile: {mode: reduce-overhead})"
+            )
         self.save_hyperparameters(
             {
                 "arch": arch,
@@ -197,6 +213,7 @@ class Classifier(L.LightningModule):
                 "tta": tta,
                 "norm_bias_lr_scale": float(norm_bias_lr_scale),
                 "decoupled_per_examples": decoupled_per_examples,
+                "cuda_graphs": bool(cuda_graphs),
             }
         )
         self._compile_options = compile_options
@@ -211,6 +228,7 @@ class Classifier(L.LightningModule):
         self._train_loss_sum: Tensor | None = None
         self._train_loss_batches = 0
         self._stopped: list[nn.Parameter] = []  # past their parameter_epochs
+        self._graph: TrainingGraph | None = None
 
     @staticmethod
     def _split_metrics(num_classes: int) -> Metric:
@@ -262,7 +280,10 @@ class Classifier(L.LightningModule):
 
     def _step(self, batch: tuple[Tensor, Tensor], split: str) -> Tensor:
         x, y = batch
-        logits = self.model(x) if split == "train" else self._evaluate(x)
+        if split != "train":
+            logits = self._evaluate(x)
+        elif self._graph is None or (logits := self._graph(x)) is None:
+            logits = self.model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         metrics = self.metrics[f"{split}_"]
         metrics.update(logits.detach(), y)
@@ -323,14 +344,41 @@ class Classifier(L.LightningModule):
             with torch.no_grad():
                 init(x)
 
+    def on_train_start(self) -> None:
+        self._graph = None
+        if not self.hparams.get("cuda_graphs"):
+            return
+        off = self._cuda_graphs_off()
+        if off is not None:
+            rank_zero_warn(f"model.cuda_graphs is off: {off}; the network runs as usual")
+            return
+        self._graph = TrainingGraph(self.model, allowed_hooks=frozenset({id(_to_channels_last)}))
+
+    def _cuda_graphs_off(self) -> str | None:
+        """Why this run cannot train from CUDA graphs, or None."""
+        if self.device.type != "cuda":
+            return f"training runs on {self.device.type}, not on a CUDA device"
+        if self.trainer.world_size > 1:
+            return "training runs in several processes (DDP's gradient hooks run in the backward)"
+        if self.trainer.accumulate_grad_batches > 1:
+            return "gradients accumulate over several batches (trainer.accumulate_grad_batches)"
+        if getattr(self.model, "aux_loss", None) is not None:
+            return f"{self.hparams.arch} keeps auxiliary outputs from its forward pass"
+        return None
+
+    def on_train_end(self) -> None:
+        graph, self._graph = self._graph, None  # the graphs' memory goes with them
+        if graph is not None:
+            rank_zero_info(f"model.cuda_graphs: {graph.summary()}")
+
     def _stop_finished_parameters(self) -> None:
         limits = getattr(self.model, "parameter_epochs", None) or {}
         epoch = self.current_epoch
         self._stopped = [self.model.get_parameter(n) for n, e in limits.items() if epoch >= e]
-        if self.trainer.world_size == 1 and not self._compiled:
+        if self.trainer.world_size == 1 and not self._compiled and self._graph is None:
             # DDP waits for a gradient of every parameter it was built with, and a compiled
-            # model would compile again for the change: there, the gradient is computed and
-            # dropped before the optimizer step instead.
+            # model would compile again for the change (a graph record again): there, the
+            # gradient is computed and dropped before the optimizer step instead.
             for name, epochs in limits.items():
                 self.model.get_parameter(name).requires_grad_(epoch < epochs)
 

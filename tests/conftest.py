@@ -93,3 +93,49 @@ def run_skipnets(
 def skipnets_cli():
     """The ``run_skipnets`` function, for tests that drive the command line."""
     return run_skipnets
+
+
+class GraphsOnTheCPU:
+    """``model.cuda_graphs`` on the CPU: ``torch.cuda.make_graphed_callables`` replaced by a
+    stand-in that keeps its contract as far as a CPU can: warm-up passes of forward and backward
+    on the sample batch (which move normalisation statistics, as the real ones do), the sample
+    kept as the static input every later batch is copied into, and the module's training
+    forward replaced. ``records`` lists the sample shapes recorded; ``fail`` makes recording
+    raise after its warm-up, as a capture refused by CUDA does."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[int, ...]] = []
+        self.fail: Exception | None = None
+
+    def __call__(self, module, sample_args, num_warmup_iters=3, allow_unused_input=False, **_):
+        (static,) = sample_args
+        trained = [p for p in module.parameters() if p.requires_grad]
+        for _ in range(num_warmup_iters):
+            out = module(static)
+            torch.autograd.grad(out, trained, torch.ones_like(out), allow_unused=allow_unused_input)
+        if self.fail is not None:
+            raise self.fail
+        self.records.append(tuple(static.shape))
+        recorded, training = module.forward, module.training
+
+        def replay(x):
+            if module.training != training:
+                return recorded(x)
+            if x.data_ptr() != static.data_ptr():
+                static.copy_(x)
+            return recorded(static)
+
+        module.forward = replay
+        return module
+
+
+@pytest.fixture
+def graphs_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> GraphsOnTheCPU:
+    """Train with ``model.cuda_graphs`` on the CPU through :class:`GraphsOnTheCPU`."""
+    import skipnets.graphs
+    from skipnets import Classifier
+
+    grapher = GraphsOnTheCPU()
+    monkeypatch.setattr(skipnets.graphs, "_make_graphed_callables", grapher)
+    monkeypatch.setattr(Classifier, "_cuda_graphs_off", lambda self: None)
+    return grapher

@@ -487,3 +487,14 @@ def test_a_compiled_network_stops_the_whitening_bias_without_compiling_again(cif
     assert trainer.lightning_module.model.whiten.bias.requires_grad
     # One graph for the training forward pass, traced once: nothing recompiled at epoch 1.
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_from_cuda_graphs_the_whitening_bias_stops_without_a_new_recording(
+    cifar_root: Path, graphs_on_the_cpu
+):
+    """Graphs repeat the backward pass they recorded, the bias's gradient included: with
+    ``cuda_graphs`` the bias keeps requiring a gradient, which is dropped before the optimizer
+    step, and the graphs recorded at the first step serve both epochs."""
+    trainer, _ = _whitening_bias_trained_for_one_epoch(cifar_root, cuda_graphs=True)
+    assert trainer.lightning_module.model.whiten.bias.requires_grad
+    assert graphs_on_the_cpu.records == [(8, 3, 32, 32)]

@@ -243,9 +243,12 @@ def _fit_counting_host_reads(
     return probe, cli
 
 
-def test_speedrun_training_steps_read_nothing_on_the_host(tmp_path, python_host_reads):
-    """The speed-run recipe as configured (its EMA, checkpoints, metrics and loss logging; no
-    progress bar): a step that writes no log makes no host read."""
+def test_speedrun_training_steps_read_nothing_on_the_host(
+    tmp_path, python_host_reads, graphs_on_the_cpu
+):
+    """The speed-run recipe as configured (its EMA, checkpoints, metrics and loss logging, its
+    CUDA graphs through the CPU stand-in; no progress bar): a step that writes no log makes no
+    host read."""
     root = bench_gpu.write_cifar10(tmp_path / "data", train_size=224, test_size=16)
     probe, _ = _fit_counting_host_reads(
         tmp_path,
@@ -258,6 +261,7 @@ def test_speedrun_training_steps_read_nothing_on_the_host(tmp_path, python_host_
         '--model.arch_kwargs={"widths": [4, 8, 8, 8]}',
         "--trainer.check_val_every_n_epoch=2",
     )
+    assert graphs_on_the_cpu.records == [(16, 3, 32, 32)]  # the steps ran from the "graphs"
     quiet = {(epoch, batch) for epoch in range(2) for batch in range(12)} - probe.logging_steps
     assert len(quiet) >= 16  # most steps log nothing
     assert {step: probe.mode.reads[step] for step in quiet if probe.mode.reads[step]} == {}

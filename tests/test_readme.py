@@ -171,6 +171,9 @@ NOT_RUN = {
 NOT_COMMANDS = {
     "<default_root_dir>/": "the layout of a run's folder",
     "Run directory: runs/quickstart/skipnets/<id>": "what a run prints at its end",
+    "model.cuda_graphs: 1,044 training steps ran from CUDA graphs, 0 without": (
+        "what a run with CUDA graphs prints when training ends"
+    ),
 }
 
 #: What a command's output must show, where the README says so in its comment.

@@ -1,0 +1,201 @@
+"""The training step's forward and backward pass as CUDA graphs (``model.cuda_graphs``).
+
+A small network on a fast GPU waits for the host: every one of its few hundred kernels is
+launched from Python, one at a time, and the host work of a step (Lightning's loop, the
+optimizer, the metrics) adds to it. ``torch.cuda.make_graphed_callables`` records the network's
+forward and backward kernels once and then launches each pass as one graph, so the host gets
+ahead of the GPU and its other work no longer sets the pace.
+
+A graph repeats exactly the kernels it recorded, on the tensors it recorded. ``TrainingGraph``
+uses it only for steps that are the same every time: the recorded batch shape and dtype, the
+network in training mode, no module hooks but the channels-last conversion, and no skip block
+that is lesioned, routed, observed or dropped by stochastic depth. Any other step runs the
+network as usual: the graph is an optimisation, never a change of what is computed.
+
+The backward graph writes each parameter's gradient into memory of its own, which autograd
+hands to the parameter when its gradient is unset; the optimizer's ``zero_grad`` (to ``None``,
+torch's default and Lightning's) before each backward pass keeps it so. Accumulating gradients
+over several batches would add a gradient to itself: the Classifier does not use graphs then.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from skipnets.nn.skip import SkipBlock
+
+Grapher = Callable[..., Any]
+
+
+def _make_graphed_callables(*args: Any, **kwargs: Any) -> Any:
+    return torch.cuda.make_graphed_callables(*args, **kwargs)
+
+
+class _Network(nn.Module):
+    """The network behind a module with no hooks of its own, as ``make_graphed_callables``
+    requires (the network's own hooks, such as the channels-last conversion, run inside)."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.network(x)
+
+
+class TrainingGraph:
+    """Runs ``network``'s training forward (and so its backward) from CUDA graphs.
+
+    Call it with a training batch's inputs: it returns the logits from the graph, or ``None``
+    when this step must run the network itself (``unrecorded`` counts those steps by reason). The
+    graphs are recorded at the first call that can use them; recording runs the network three
+    times more on that batch, and the running statistics of its normalisation layers are put
+    back afterwards, so the step's result is the one the network gives without graphs.
+
+    Args:
+        network: the network, on its CUDA device.
+        allowed_hooks: the ids of hook functions that may be registered on its modules (they run
+            inside the graph, so they must only compute on tensors).
+        grapher: what records the graphs (default ``torch.cuda.make_graphed_callables``).
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        allowed_hooks: frozenset[int] = frozenset(),
+        grapher: Grapher | None = None,
+    ) -> None:
+        self.network = network
+        self.allowed_hooks = allowed_hooks
+        self.grapher = grapher or _make_graphed_callables
+        self.modules = tuple(network.modules())
+        self.blocks = tuple(m for m in self.modules if isinstance(m, SkipBlock))
+        self.graphed: nn.Module | None = None
+        self.sample: Tensor | None = None
+        #: Why recording failed; it is not tried again.
+        self.failed: str | None = None
+        self.replays = 0
+        #: Steps that ran the network itself, by reason.
+        self.unrecorded: Counter[str] = Counter()
+
+    def __call__(self, x: Tensor) -> Tensor | None:
+        reason = self.failed or self._dynamic(x)
+        if reason is None and self.graphed is None and not self._record(x):
+            reason = self.failed
+        if reason is not None:
+            self.unrecorded[reason] += 1
+            return None
+        self.replays += 1
+        return self.graphed(x)
+
+    def summary(self) -> str:
+        """One line: how many steps ran from the graphs, and why the others did not."""
+        others = sum(self.unrecorded.values())
+        line = f"{self.replays:,} training steps ran from CUDA graphs, {others:,} without"
+        if others:
+            reasons = "; ".join(f"{n:,}: {r}" for r, n in self.unrecorded.most_common(3))
+            line += f" ({reasons})"
+        return line
+
+    # -- what a graph cannot repeat -------------------------------------------------------
+    def _dynamic(self, x: Tensor) -> str | None:
+        """Why this step cannot be the recorded one, or None."""
+        if not isinstance(x, Tensor):
+            return f"the network's input is a {type(x).__name__}, not a tensor"
+        if not self.network.training:
+            return "the network is in evaluation mode"
+        sample = self.sample
+        if sample is not None and (
+            x.shape != sample.shape or x.dtype != sample.dtype or x.device != sample.device
+        ):
+            return f"a batch of shape {tuple(x.shape)}, not the recorded {tuple(sample.shape)}"
+        if _global_hooks():
+            return "global module hooks are registered"
+        for module in self.modules:
+            hooks = _hooks(module)
+            if hooks and not all(id(h) in self.allowed_hooks for h in hooks):
+                return f"a hook is registered on {type(module).__name__}"
+        for block in self.blocks:
+            if block._altered or block._observers or block.survival_prob < 1.0:
+                return f"{type(block).__name__} is lesioned, routed, observed or dropped"
+        return None
+
+    # -- recording --------------------------------------------------------------------------
+    def _record(self, x: Tensor) -> bool:
+        buffers = [b for b in self.network.buffers()]
+        saved = [b.detach().clone() for b in buffers]
+        sample = x.detach().clone()
+        kwargs: dict[str, Any] = {"allow_unused_input": True}
+        if _accepts(self.grapher, "capture_error_mode"):
+            # Other threads (a DataLoader's pin-memory thread) may call CUDA meanwhile.
+            kwargs["capture_error_mode"] = "thread_local"
+        try:
+            graphed = self.grapher(_Network(self.network), (sample,), **kwargs)
+        except Exception as error:  # any failure: the network runs as usual
+            self.failed = f"recording the graphs failed: {type(error).__name__}: {error}"
+            warnings.warn(
+                f"model.cuda_graphs: {self.failed}; the network runs as usual", stacklevel=2
+            )
+            return False
+        finally:
+            with torch.no_grad():
+                for buffer, value in zip(buffers, saved):
+                    buffer.copy_(value)
+        self.graphed, self.sample = graphed, sample
+        return True
+
+    # -- copies ------------------------------------------------------------------------------
+    # A copied or pickled module holds no graphs: recorded ones belong to this network's tensors.
+    def __deepcopy__(self, memo: dict[int, Any]) -> None:
+        return None
+
+    def __reduce__(self) -> tuple[Callable[[], None], tuple[()]]:
+        return _nothing, ()
+
+
+def _nothing() -> None:
+    return None
+
+
+def _hooks(module: nn.Module) -> list[Any]:
+    found: list[Any] = []
+    for table in (
+        module._forward_pre_hooks,
+        module._forward_hooks,
+        module._backward_hooks,
+        module._backward_pre_hooks,
+    ):
+        if table:
+            found.extend(table.values())
+    return found
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as torch_module
+
+    return any(
+        getattr(torch_module, name, None)
+        for name in (
+            "_global_forward_pre_hooks",
+            "_global_forward_hooks",
+            "_global_backward_hooks",
+            "_global_backward_pre_hooks",
+        )
+    )
+
+
+def _accepts(function: Callable[..., Any], name: str) -> bool:
+    target = getattr(function, "__wrapped__", None) or function
+    if target is _make_graphed_callables:
+        target = torch.cuda.make_graphed_callables
+    try:
+        return name in inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
