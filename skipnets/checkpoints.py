@@ -388,7 +388,27 @@ class _WrittenHistory:
         return self.step
 
 
-class BestCheckpoint(ModelCheckpoint):
+class _Checkpoint(ModelCheckpoint):
+    """A ``ModelCheckpoint`` whose ``state_key`` is built once. Lightning names each callback in
+    every one of its hook calls, about ten per training step, and ``ModelCheckpoint`` builds its
+    name anew each time from five settings (a few microseconds, on the host, every step)."""
+
+    @property
+    def state_key(self) -> str:
+        settings = (
+            self.monitor,
+            self.mode,
+            self._every_n_train_steps,
+            self._every_n_epochs,
+            self._train_time_interval,
+        )
+        cached = self.__dict__.get("_state_key")
+        if cached is None or cached[0] != settings:
+            cached = self._state_key = (settings, super().state_key)
+        return cached[1]
+
+
+class BestCheckpoint(_Checkpoint):
     """The best checkpoint by ``monitor`` (every run's: ``val/acc``, highest), a tie going to the
     lower ``tie_break`` (``val/loss``). On a small validation split the accuracy saturates
     (every one of the digits' 180 validation images right from the second epoch of the
@@ -429,7 +449,7 @@ class BestCheckpoint(ModelCheckpoint):
             self.best_tie_value = state_dict.get("best_tie_value")
 
 
-class LastCheckpoint(ModelCheckpoint):
+class LastCheckpoint(_Checkpoint):
     """Keeps ``last.ckpt`` fresh: every ``every_n_train_steps`` optimizer steps, at the end of
     every ``every_n_epochs``-th training epoch (after its validation) and when training ends, so
     a killed run loses at most that many steps. A save within an epoch goes into place at the
