@@ -136,8 +136,11 @@ class History(Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not isinstance(loss, torch.Tensor):
             return
-        # Lightning hands on the loss divided by the gradient accumulation count.
-        loss = loss.detach().float() * trainer.accumulate_grad_batches
+        # Lightning hands on the loss divided by the gradient accumulation count. One operation
+        # on the device a step where it can be (each is host time on a GPU that waits for it).
+        loss = loss.detach().float()
+        if trainer.accumulate_grad_batches != 1:
+            loss = loss * trainer.accumulate_grad_batches
         self._loss = loss.clone() if self._loss is None else self._loss.add_(loss)
         self._batches += 1
 

@@ -29,6 +29,11 @@ _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.Lo
 
 TTA_MODES = ("none", "mirror", "mirror_translate")
 
+#: Attributes set on every training step (Lightning sets ``_current_fx_name`` around each of its
+#: hook calls, about fifty times a step): plain values, never parameters, buffers or modules, so
+#: they skip ``nn.Module.__setattr__``'s checks for those, which cost ten times a plain setattr.
+_STEP_ATTRIBUTES = frozenset({"_current_fx_name", "_train_loss_sum", "_train_loss_batches"})
+
 #: Schedulers whose length the Classifier fills in from the run when the config leaves it out.
 RUN_LENGTH_SCHEDULERS = ("OneCycleLR", "LinearWarmupDecayLR")
 
@@ -229,6 +234,12 @@ class Classifier(L.LightningModule):
         self._train_loss_batches = 0
         self._stopped: list[nn.Parameter] = []  # past their parameter_epochs
         self._graph: TrainingGraph | None = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _STEP_ATTRIBUTES:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     @staticmethod
     def _split_metrics(num_classes: int) -> Metric:

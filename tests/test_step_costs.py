@@ -198,6 +198,35 @@ def test_cli_runs_profile_nothing_at_no_cost_unless_a_profiler_is_chosen(tmp_pat
     assert type(chosen.profiler) is SimpleProfiler
 
 
+def test_a_training_step_sets_no_classifier_attribute_through_nn_modules_checks(monkeypatch):
+    """Lightning sets the module's ``_current_fx_name`` around each of its hook calls, about
+    fifty times a step, and the Classifier keeps its loss sum the same way: plain values, which
+    ``nn.Module.__setattr__`` would check against parameters, buffers and submodules each time."""
+    data = Digits(image_size=None, batch_size=32)
+    model = _classifier(data)
+    slow_sets: list[str] = []
+    counting = [False]
+    module_setattr = torch.nn.Module.__setattr__
+
+    def recorded(self, name, value):
+        if counting[0] and self is model:
+            slow_sets.append(name)
+        module_setattr(self, name, value)
+
+    class Count(L.Callback):  # over the steps of the second epoch
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            counting[0] = trainer.current_epoch == 1
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            counting[0] = False
+
+    monkeypatch.setattr(torch.nn.Module, "__setattr__", recorded)
+    trainer = quiet_trainer(max_epochs=2, callbacks=[Count()], limit_val_batches=0)
+    trainer.fit(model, datamodule=data)
+    assert trainer.num_training_batches > 10
+    assert slow_sets == []
+
+
 def test_batches_already_on_the_device_are_handed_on_as_they_are():
     data = Digits(image_size=None)
     batch = (torch.zeros(2, 64), torch.zeros(2, dtype=torch.long))
