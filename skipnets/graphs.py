@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from skipnets.nn.skip import SkipBlock
 
@@ -162,6 +163,34 @@ class TrainingGraph:
 
 def _nothing() -> None:
     return None
+
+
+def pinning_conflict(loaders: Any, grapher: Grapher | None = None) -> str | None:
+    """Why recording graphs would break the training loaders, or None.
+
+    A ``DataLoader`` with workers and ``pin_memory`` pins each batch in a thread of this
+    process. While a graph records, CUDA refuses other threads' allocations unless the recording
+    is local to its own thread, which ``make_graphed_callables`` offers from torch 2.12 on
+    (``capture_error_mode``); before that, the pinning thread would fail.
+    """
+    if _accepts(grapher or _make_graphed_callables, "capture_error_mode"):
+        return None
+    pending, pinning = [loaders], 0
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+        elif isinstance(item, DataLoader) and item.pin_memory and item.num_workers > 0:
+            pinning += 1
+    if not pinning:
+        return None
+    return (
+        f"the training DataLoader pins memory in a thread (pin_memory with workers), which "
+        f"CUDA refuses while a graph records in torch {torch.__version__}; torch 2.12 or later "
+        "records without that limit"
+    )
 
 
 def _hooks(module: nn.Module) -> list[Any]:

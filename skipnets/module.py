@@ -16,7 +16,7 @@ from torchmetrics import MeanMetric, Metric
 
 from skipnets.data.analysis import analysis_split, inputs_of
 from skipnets.errors import ConfigError
-from skipnets.graphs import TrainingGraph
+from skipnets.graphs import TrainingGraph, pinning_conflict
 from skipnets.progress import TimedProgressBar
 from skipnets.registry import create_model, model_info
 
@@ -375,7 +375,7 @@ class Classifier(L.LightningModule):
             return "gradients accumulate over several batches (trainer.accumulate_grad_batches)"
         if getattr(self.model, "aux_loss", None) is not None:
             return f"{self.hparams.arch} keeps auxiliary outputs from its forward pass"
-        return None
+        return pinning_conflict(self.trainer.train_dataloader)
 
     def on_train_end(self) -> None:
         graph, self._graph = self._graph, None  # the graphs' memory goes with them

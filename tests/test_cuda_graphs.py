@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from skipnets import Classifier
 from skipnets.errors import ConfigError
-from skipnets.graphs import TrainingGraph
+from skipnets.graphs import TrainingGraph, pinning_conflict
 from skipnets.nn import skip_blocks
 from skipnets.registry import create_model
 
@@ -142,3 +142,21 @@ def test_the_graph_is_not_copied_with_its_module(graphs_on_the_cpu: GraphsOnTheC
     model._graph = TrainingGraph(model.model)
     assert copy.deepcopy(model)._graph is None
     assert pickle.loads(pickle.dumps(model))._graph is None
+
+
+def test_a_loader_that_pins_in_a_thread_keeps_graphs_off_where_torch_cannot_record_beside_it():
+    dataset = TensorDataset(torch.zeros(4, 3))
+    pinning = DataLoader(dataset, num_workers=2, pin_memory=True)
+    in_the_step = DataLoader(dataset, num_workers=0, pin_memory=True)  # pins between steps
+    workers = DataLoader(dataset, num_workers=2)
+
+    def before(module, sample_args, num_warmup_iters=3, allow_unused_input=False):
+        """make_graphed_callables before torch 2.12: no capture_error_mode."""
+
+    def since(module, sample_args, allow_unused_input=False, capture_error_mode="global"):
+        """make_graphed_callables from torch 2.12 on."""
+
+    reason = pinning_conflict({"a": [workers, pinning]}, before)
+    assert reason is not None and reason.startswith("the training DataLoader pins memory")
+    assert pinning_conflict(pinning, since) is None
+    assert pinning_conflict([in_the_step, workers], before) is None
