@@ -342,6 +342,8 @@ class Timing:
     # Host seconds from the first epoch's start to the end of each of its steps (no GPU sync:
     # where the first epoch's extra time goes, e.g. a slow first step or a slow epoch end).
     first_epoch_steps: list[float] | None = None
+    # Which training steps ran from CUDA graphs (model.cuda_graphs), when they were on.
+    graphs: str | None = None
 
     @property
     def first_epoch_s(self) -> float:
@@ -361,7 +363,7 @@ class Timing:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Timing:
         names = ("epochs", "batches", "steps_per_epoch", "fit_s", "whole_process_s")
-        names += ("first_epoch_steps",)
+        names += ("first_epoch_steps", "graphs")
         return cls(**{k: values.get(k) for k in names})
 
 
@@ -390,6 +392,7 @@ class EpochTimer(L.Callback):
         self.end: float | None = None
         self.steps = 0
         self.first_epoch_steps: list[float] = []
+        self.graphs: str | None = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.starts.append(now(pl_module.device))
@@ -403,6 +406,8 @@ class EpochTimer(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.end = now(pl_module.device)
+        graph = getattr(pl_module, "training_graph", None)  # before the module drops it
+        self.graphs = graph.summary() if graph is not None else None
         if self.out and trainer.is_global_zero:
             Path(self.out).write_text(json.dumps(self.timing().as_dict()))
 
@@ -413,6 +418,7 @@ class EpochTimer(L.Callback):
             batches=[b - a for a, b in zip(self.starts, self.last_batch_ends)],
             steps_per_epoch=self.steps,
             first_epoch_steps=self.first_epoch_steps,
+            graphs=self.graphs,
         )
 
 
@@ -668,7 +674,7 @@ def hand_written(
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast():
                     if train_forward is None:
-                        train_forward = graphed_forward(model, x)
+                        train_forward = GraphedForward(model, x)
                     logits = train_forward(x)
                     loss = F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
@@ -702,6 +708,7 @@ def hand_written(
         len(train_loader),
         fit_s=fit_s,
         first_epoch_steps=first_epoch_steps,
+        graphs=train_forward.summary() if isinstance(train_forward, GraphedForward) else None,
     )
 
 
@@ -745,21 +752,33 @@ class HandEMA:
             torch._foreach_copy_(self.current, self.averaged)
 
 
-def graphed_forward(
-    model: torch.nn.Module, x: torch.Tensor
-) -> Callable[[torch.Tensor], torch.Tensor]:
+class GraphedForward:
     """``model``'s training forward and backward as CUDA graphs recorded on the batch ``x``
     (``torch.cuda.make_graphed_callables``), with the running statistics its warm-up passes
     moved put back; a batch of another shape runs the model's own forward."""
-    eager = model.forward
-    buffers = list(model.buffers())
-    saved = [b.detach().clone() for b in buffers]
-    sample = x.detach().clone()
-    graphed = torch.cuda.make_graphed_callables(model, (sample,), allow_unused_input=True)
-    with torch.no_grad():
-        for buffer, value in zip(buffers, saved):
-            buffer.copy_(value)
-    return lambda batch: graphed(batch) if batch.shape == sample.shape else eager(batch)
+
+    def __init__(self, model: torch.nn.Module, x: torch.Tensor) -> None:
+        self.eager = model.forward
+        buffers = list(model.buffers())
+        saved = [b.detach().clone() for b in buffers]
+        self.sample = x.detach().clone()
+        self.graphed = torch.cuda.make_graphed_callables(
+            model, (self.sample,), allow_unused_input=True
+        )
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)
+        self.replays = self.others = 0
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.shape == self.sample.shape:
+            self.replays += 1
+            return self.graphed(batch)
+        self.others += 1
+        return self.eager(batch)
+
+    def summary(self) -> str:
+        return f"{self.replays:,} training steps ran from CUDA graphs, {self.others:,} without"
 
 
 def _autocast(precision: str, device: torch.device, cache: bool = True) -> Callable[[], Any]:
@@ -1120,6 +1139,7 @@ def _combine(runs: list[Timing]) -> dict[str, Any]:
         "first_epoch_s": statistics.median(run.first_epoch_s for run in runs),
         "fit_s": statistics.median(run.fit_s for run in runs),
         "steps_per_epoch": runs[0].steps_per_epoch,
+        "graphs": runs[-1].graphs,
     }
 
 
@@ -1253,6 +1273,9 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     ]
     if report.get("hand_written_ignores"):
         lines.append(f"the hand-written loop ignores: {', '.join(report['hand_written_ignores'])}")
+    for name, side in (("skipnets fit", sk), ("hand-written", hand)):
+        if side.get("graphs"):
+            lines.append(f"CUDA graphs, {name} (one process): {side['graphs']}")
     rows = [
         (
             "steady epoch (median after the first, one process)",

@@ -355,6 +355,12 @@ class Classifier(L.LightningModule):
             with torch.no_grad():
                 init(x)
 
+    @property
+    def training_graph(self) -> TrainingGraph | None:
+        """The CUDA graphs of the training step while ``fit`` trains with ``cuda_graphs``
+        (their ``summary()`` says how many steps used them), else None."""
+        return self._graph
+
     def on_train_start(self) -> None:
         self._graph = None
         if not self.hparams.get("cuda_graphs"):

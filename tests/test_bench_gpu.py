@@ -82,6 +82,9 @@ def test_cpu_smoke_run_reports_every_figure_and_target(tmp_path, capsys):
         assert isinstance(target["pass"], bool) and target["value"] is not None
         verdict = "PASS" if target["pass"] else "FAIL"
         assert f"{verdict}  {target['name']}" in printed
+    # The config's CUDA graphs are off on a CPU, on both sides.
+    assert report["skipnets"]["graphs"] is None and report["hand_written"]["graphs"] is None
+    assert "CUDA graphs" not in printed
     if bench_gpu.AIRBENCH_CONFIG.is_file():
         assert report["airbench"]["skipnets"]["steady_epoch_s"] > 0, report["airbench"]
     # The rows of `python -m benchmarks`' table.
@@ -344,3 +347,46 @@ def test_airbench_runs_in_its_own_process_on_the_same_files(tmp_path, monkeypatc
     assert result["steady_epoch_s"] == pytest.approx(0.3)
     assert result["total_s"] == 1.0 and result["train_images"] == 30
     assert result["whole_process_s"] > 0
+
+
+# The fit trains without validation data, which Lightning notes.
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
+def test_the_report_says_which_steps_ran_from_cuda_graphs(graphs_on_the_cpu):
+    """On a GPU both sides record the config's graphs, and the report says how many steps used
+    them: here the skipnets side's timer, on a fit through the CPU stand-in."""
+    from conftest import quiet_trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from skipnets import Classifier
+
+    images = TensorDataset(torch.randn(40, 3, 32, 32), torch.randint(0, 10, (40,)))
+    model = Classifier(
+        "speedrun_resnet9", {"widths": [4, 8, 8, 8]}, num_classes=10, cuda_graphs=True
+    )
+    timer = bench_gpu.EpochTimer()
+    trainer = quiet_trainer(max_epochs=1, callbacks=[timer], limit_val_batches=0)
+    trainer.fit(model, train_dataloaders=DataLoader(images, batch_size=16))
+    graphs = "2 training steps ran from CUDA graphs, 1 without (1: a batch of shape"
+    assert timer.timing().graphs.startswith(graphs)
+    report = {"skipnets": {"graphs": timer.timing().graphs}, "hand_written": {"graphs": None}}
+    assert _graph_lines(report) == [
+        f"CUDA graphs, skipnets fit (one process): {timer.timing().graphs}"
+    ]
+
+
+def _graph_lines(report: dict) -> list[str]:
+    full = {
+        "config": "c",
+        "device": "cpu",
+        "torch": "t",
+        "epochs": 1,
+        "batch_size": 16,
+        "logger": "none",
+        "data": "d",
+        "targets": [],
+    }
+    figures = {"steps_per_epoch": 9, "steady_epoch_s": None, "epoch_end_s": None}
+    figures |= {"first_epoch_s": None, "fit_s": None}
+    for side in ("skipnets", "hand_written"):
+        full[side] = {**figures, **report[side]}
+    return [line for line in bench_gpu.report_lines(full) if "CUDA graphs" in line]
