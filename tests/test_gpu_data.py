@@ -261,23 +261,24 @@ def test_ddp_ranks_train_on_disjoint_shards(tmp_path: Path, cifar_root: Path) ->
     assert seen[0]["0"] != seen[0]["1"]  # a new order (and split between ranks) each epoch
 
 
+# They train from CUDA graphs, which a CPU has not: a warning says so (tests/test_cuda_graphs.py
+# asserts it) and training goes on.
+@pytest.mark.filterwarnings("ignore:model.cuda_graphs is off. training runs on cpu")
 @pytest.mark.parametrize("config", ["cifar10_speedrun", "airbench94_cifar10"])
 def test_speed_configs_run_a_few_steps_on_cpu(tmp_path: Path, cifar_root: Path, config: str):
-    # They train from CUDA graphs, which a CPU has not: a warning says so and training goes on.
-    with pytest.warns(UserWarning, match="model.cuda_graphs is off: training runs on cpu"):
-        status = main(
-            [
-                "fit",
-                "--config",
-                str(ROOT / f"configs/papers/{config}.yaml"),
-                "--trainer.fast_dev_run=2",
-                "--trainer.accelerator=cpu",
-                "--trainer.precision=32",
-                f"--trainer.default_root_dir={tmp_path}",
-                f"--data.init_args.root={cifar_root}",
-                "--data.init_args.val_size=20",
-                "--data.init_args.batch_size=8",
-                "--data.init_args.eval_batch_size=10",
-            ]
-        )
+    status = main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / f"configs/papers/{config}.yaml"),
+            "--trainer.fast_dev_run=2",
+            "--trainer.accelerator=cpu",
+            "--trainer.precision=32",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--data.init_args.root={cifar_root}",
+            "--data.init_args.val_size=20",
+            "--data.init_args.batch_size=8",
+            "--data.init_args.eval_batch_size=10",
+        ]
+    )
     assert status == 0
