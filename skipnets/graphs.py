@@ -7,15 +7,18 @@ forward and backward kernels once and then launches each pass as one graph, so t
 ahead of the GPU and its other work no longer sets the pace.
 
 A graph repeats exactly the kernels it recorded, on the tensors it recorded. ``TrainingGraph``
-uses it only for steps that are the same every time: the recorded batch shape and dtype, the
-network in training mode, no module hooks but the channels-last conversion, and no skip block
-that is lesioned, routed, observed or dropped by stochastic depth. Any other step runs the
-network as usual: the graph is an optimisation, never a change of what is computed.
+uses it only for steps that are the same every time: the recorded batch shape and dtype, every
+module in training mode, the same parameters and buffers (the same memory, the same
+``requires_grad``), no module hooks but the channels-last conversion, and no skip block that is
+lesioned, routed, observed or dropped by stochastic depth. Any other step runs the network as
+usual: the graph is an optimisation, never a change of what is computed.
 
 The backward graph writes each parameter's gradient into memory of its own, which autograd
 hands to the parameter when its gradient is unset; the optimizer's ``zero_grad`` (to ``None``,
 torch's default and Lightning's) before each backward pass keeps it so. Accumulating gradients
-over several batches would add a gradient to itself: the Classifier does not use graphs then.
+over several batches would add a gradient to itself: the Classifier runs the network itself on
+every step that accumulates. A gradient holds until the next step's forward pass (Lightning
+clears gradients after it): read gradients in the hooks of the step that made them.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ Grapher = Callable[..., Any]
 
 def _make_graphed_callables(*args: Any, **kwargs: Any) -> Any:
     return torch.cuda.make_graphed_callables(*args, **kwargs)
+
+
+_TORCHS_GRAPHER = _make_graphed_callables
 
 
 class _Network(nn.Module):
@@ -77,17 +83,28 @@ class TrainingGraph:
         self.allowed_hooks = allowed_hooks
         self.grapher = grapher or _make_graphed_callables
         self.modules = tuple(network.modules())
+        self.slots = [
+            (table, name)
+            for module in self.modules
+            for table in (module._parameters, module._buffers)
+            for name in table
+        ]
         self.blocks = tuple(m for m in self.modules if isinstance(m, SkipBlock))
         self.graphed: nn.Module | None = None
         self.sample: Tensor | None = None
+        #: The parameters and buffers the graphs were recorded with (kept alive), and their state.
+        self.recorded: list[Tensor | None] | None = None
+        self.recorded_state: tuple[list[bool], int] | None = None
         #: Why recording failed; it is not tried again.
         self.failed: str | None = None
         self.replays = 0
         #: Steps that ran the network itself, by reason.
         self.unrecorded: Counter[str] = Counter()
 
-    def __call__(self, x: Tensor) -> Tensor | None:
-        reason = self.failed or self._dynamic(x)
+    def __call__(self, x: Tensor, off: str | None = None) -> Tensor | None:
+        """The logits of ``x`` from the graphs, or None: the network must run itself, for the
+        caller's reason ``off`` or for one of the graph's own."""
+        reason = off or self.failed or self._dynamic(x)
         if reason is None and self.graphed is None and not self._record(x):
             reason = self.failed
         if reason is not None:
@@ -120,13 +137,36 @@ class TrainingGraph:
         if _global_hooks():
             return "global module hooks are registered"
         for module in self.modules:
+            if not module.training:
+                return f"{type(module).__name__} is in evaluation mode"
             hooks = _hooks(module)
             if hooks and not all(id(h) in self.allowed_hooks for h in hooks):
                 return f"a hook is registered on {type(module).__name__}"
         for block in self.blocks:
             if block._altered or block._observers or block.survival_prob < 1.0:
                 return f"{type(block).__name__} is lesioned, routed, observed or dropped"
+        if self.recorded is not None and self._changed():
+            # Replaced (Lightning's SWA swaps BatchNorm statistics, a move reallocates) or
+            # switched to or from training: the graphs would read and write the old ones.
+            return "the network's parameters or buffers changed since the graphs were recorded"
         return None
+
+    def _held(self) -> list[Tensor | None]:
+        return [table[name] for table, name in self.slots]
+
+    def _state(self, held: list[Tensor | None]) -> tuple[list[bool], int]:
+        """Which of ``held`` train, and where the first one's memory is (a move changes all)."""
+        first = next((t for t in held if t is not None), None)
+        trains = [t is not None and t.requires_grad for t in held]
+        return trains, first.data_ptr() if first is not None else 0
+
+    def _changed(self) -> bool:
+        """Whether a parameter or buffer is another tensor than the recorded one (the objects the
+        modules hold), trains or not as it did, or has moved."""
+        held = self._held()
+        if any(now is not then for now, then in zip(held, self.recorded)):
+            return True
+        return self._state(held) != self.recorded_state
 
     # -- recording --------------------------------------------------------------------------
     def _record(self, x: Tensor) -> bool:
@@ -150,6 +190,8 @@ class TrainingGraph:
                 for buffer, value in zip(buffers, saved):
                     buffer.copy_(value)
         self.graphed, self.sample = graphed, sample
+        self.recorded = self._held()
+        self.recorded_state = self._state(self.recorded)
         return True
 
     # -- copies ------------------------------------------------------------------------------
@@ -222,7 +264,7 @@ def _global_hooks() -> bool:
 
 def _accepts(function: Callable[..., Any], name: str) -> bool:
     target = getattr(function, "__wrapped__", None) or function
-    if target is _make_graphed_callables:
+    if target is _TORCHS_GRAPHER:
         target = torch.cuda.make_graphed_callables
     try:
         return name in inspect.signature(target).parameters

@@ -150,9 +150,9 @@ class Classifier(L.LightningModule):
             launch per pass instead of one per kernel, so that a small network's step is no
             longer paced by the host (``skipnets.graphs``). The same values as without; steps a
             graph cannot repeat (another batch shape, a plugin observing or altering skip
-            blocks, stochastic depth) run the network as usual. On one CUDA device, without
-            gradient accumulation; elsewhere (CPU, DDP) a warning says it is off. Not with
-            ``compile``.
+            blocks, stochastic depth, replaced parameters or buffers, gradient accumulation)
+            run the network as usual. On one CUDA device; elsewhere (CPU, DDP) a warning says
+            it is off. Not with ``compile``.
 
     Networks that initialise themselves from data (airbench's whitening layer) expose
     ``init_from_data(images)`` and ``init_data_size``: at the start of ``fit`` (not when resuming
@@ -246,6 +246,11 @@ class Classifier(L.LightningModule):
         return TopKAccuracy((1, 5) if num_classes > 5 else (1,))
 
     def setup(self, stage: str) -> None:
+        if stage == "fit":
+            # A parameter an earlier fit stopped after its epochs trains again in this fit's
+            # (the optimizer, built after setup, takes the parameters that require gradients).
+            for name in getattr(self.model, "parameter_epochs", None) or {}:
+                self.model.get_parameter(name).requires_grad_(True)
         # Lightning calls this before each fit/validate/test; the changes below happen once.
         if self.hparams.get("channels_last") and not self._channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -293,7 +298,7 @@ class Classifier(L.LightningModule):
         x, y = batch
         if split != "train":
             logits = self._evaluate(x)
-        elif self._graph is None or (logits := self._graph(x)) is None:
+        elif self._graph is None or (logits := self._graph(x, self._graph_off())) is None:
             logits = self.model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         metrics = self.metrics[f"{split}_"]
@@ -371,14 +376,20 @@ class Classifier(L.LightningModule):
             return
         self._graph = TrainingGraph(self.model, allowed_hooks=frozenset({id(_to_channels_last)}))
 
+    def _graph_off(self) -> str | None:
+        # A GradientAccumulationScheduler raises the count after training has started.
+        if self.trainer.accumulate_grad_batches > 1:
+            return "gradients accumulate over several batches (trainer.accumulate_grad_batches)"
+        return None
+
     def _cuda_graphs_off(self) -> str | None:
         """Why this run cannot train from CUDA graphs, or None."""
         if self.device.type != "cuda":
             return f"training runs on {self.device.type}, not on a CUDA device"
         if self.trainer.world_size > 1:
             return "training runs in several processes (DDP's gradient hooks run in the backward)"
-        if self.trainer.accumulate_grad_batches > 1:
-            return "gradients accumulate over several batches (trainer.accumulate_grad_batches)"
+        if (accumulating := self._graph_off()) is not None:
+            return accumulating
         if getattr(self.model, "aux_loss", None) is not None:
             return f"{self.hparams.arch} keeps auxiliary outputs from its forward pass"
         return pinning_conflict(self.trainer.train_dataloader)
@@ -392,11 +403,12 @@ class Classifier(L.LightningModule):
         limits = getattr(self.model, "parameter_epochs", None) or {}
         epoch = self.current_epoch
         self._stopped = [self.model.get_parameter(n) for n, e in limits.items() if epoch >= e]
-        if self.trainer.world_size == 1 and not self._compiled and self._graph is None:
-            # DDP waits for a gradient of every parameter it was built with, and a compiled
-            # model would compile again for the change (a graph record again): there, the
-            # gradient is computed and dropped before the optimizer step instead.
-            for name, epochs in limits.items():
+        switch = self.trainer.world_size == 1 and not self._compiled and self._graph is None
+        for name, epochs in limits.items():
+            # DDP waits for a gradient of every parameter it was built with, a compiled model
+            # would compile again for the change, and CUDA graphs repeat the backward pass they
+            # recorded: there, the gradient is computed and dropped before the optimizer step.
+            if switch:
                 self.model.get_parameter(name).requires_grad_(epoch < epochs)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

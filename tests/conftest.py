@@ -96,20 +96,25 @@ def skipnets_cli():
 
 
 class GraphsOnTheCPU:
-    """``model.cuda_graphs`` on the CPU: ``torch.cuda.make_graphed_callables`` replaced by a
-    stand-in that keeps its contract as far as a CPU can: warm-up passes of forward and backward
-    on the sample batch (which move normalisation statistics, as the real ones do), the sample
-    kept as the static input every later batch is copied into, and the module's training
-    forward replaced. ``records`` lists the sample shapes recorded; ``fail`` makes recording
-    raise after its warm-up, as a capture refused by CUDA does."""
+    """``model.cuda_graphs`` on the CPU: ``torch.cuda.make_graphed_callables`` (as torch 2.11
+    has it, without ``capture_error_mode``) replaced by a stand-in that keeps its contract as far
+    as a CPU can. Warm-up passes of forward and backward on the sample batch, which move
+    normalisation statistics as the real ones do. The sample kept as the static input every
+    later batch is copied into. In training mode the module's forward becomes one autograd
+    function over the input and the parameters, whose output is the same static tensor at every
+    step and whose backward writes each gradient into a static buffer of its own and hands that
+    on, as a replayed graph does (so a gradient kept from an earlier step is overwritten by the
+    next backward, as on a GPU). ``records`` lists the sample shapes recorded; ``fail`` makes
+    recording raise after its warm-up, as a capture refused by CUDA does."""
 
     def __init__(self) -> None:
         self.records: list[tuple[int, ...]] = []
         self.fail: Exception | None = None
 
-    def __call__(self, module, sample_args, num_warmup_iters=3, allow_unused_input=False, **_):
+    def __call__(self, module, sample_args, num_warmup_iters=3, allow_unused_input=False):
         (static,) = sample_args
-        trained = [p for p in module.parameters() if p.requires_grad]
+        parameters = tuple(module.parameters())
+        trained = [p for p in parameters if p.requires_grad]
         for _ in range(num_warmup_iters):
             out = module(static)
             torch.autograd.grad(out, trained, torch.ones_like(out), allow_unused=allow_unused_input)
@@ -117,13 +122,36 @@ class GraphsOnTheCPU:
             raise self.fail
         self.records.append(tuple(static.shape))
         recorded, training = module.forward, module.training
+        gradients = [torch.zeros_like(p) if p.requires_grad else None for p in parameters]
+        state: dict = {"output": None, "live": None}
+
+        class Replay(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x, *weights):
+                if x.data_ptr() != static.data_ptr():
+                    static.copy_(x)
+                with torch.enable_grad():
+                    state["live"] = live = recorded(static)
+                if state["output"] is None:
+                    state["output"] = torch.empty_like(live)
+                state["output"].copy_(live.detach())
+                return state["output"].detach()
+
+            @staticmethod
+            @torch.autograd.function.once_differentiable
+            def backward(ctx, grad):
+                found = torch.autograd.grad(
+                    state["live"], trained, grad, allow_unused=allow_unused_input
+                )
+                buffers = [g for g in gradients if g is not None]
+                for buffer, value in zip(buffers, found):
+                    buffer.copy_(value) if value is not None else buffer.zero_()
+                return (None, *(g.detach() if g is not None else None for g in gradients))
 
         def replay(x):
             if module.training != training:
                 return recorded(x)
-            if x.data_ptr() != static.data_ptr():
-                static.copy_(x)
-            return recorded(static)
+            return Replay.apply(x, *parameters)
 
         module.forward = replay
         return module

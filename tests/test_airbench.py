@@ -418,14 +418,14 @@ class Whitening(L.Callback):
         self.biases.append(whiten.bias.detach().clone())
 
 
-def _whitening_bias_trained_for_one_epoch(cifar_root: Path, **options) -> tuple:
+def _whitening_bias_trained_for_one_epoch(cifar_root: Path, callbacks=(), **options) -> tuple:
     """Two epochs with ``whiten_bias_epochs=1``: the trainer and the whitening layer's record,
     after checking that its bias trained in the first epoch and stayed as it was in the second."""
     record = Whitening()
     trainer = _airbench_fit(
         cifar_root,
         max_epochs=2,
-        callbacks=[record],
+        callbacks=[*callbacks, record],
         optimizer=SGD,
         arch_kwargs={"whiten_bias_epochs": 1},
         **options,
@@ -495,6 +495,21 @@ def test_from_cuda_graphs_the_whitening_bias_stops_without_a_new_recording(
     """Graphs repeat the backward pass they recorded, the bias's gradient included: with
     ``cuda_graphs`` the bias keeps requiring a gradient, which is dropped before the optimizer
     step, and the graphs recorded at the first step serve both epochs."""
-    trainer, _ = _whitening_bias_trained_for_one_epoch(cifar_root, cuda_graphs=True)
+    trainer, _ = _whitening_bias_trained_for_one_epoch(
+        cifar_root, [SwitchedOffByAnEarlierFit()], cuda_graphs=True
+    )
     assert trainer.lightning_module.model.whiten.bias.requires_grad
     assert graphs_on_the_cpu.records == [(8, 3, 32, 32)]
+
+
+class SwitchedOffByAnEarlierFit(L.Callback):
+    """The bias as a fit without graphs leaves it after its epochs: not requiring a gradient.
+    A new fit trains it again in its first epochs (its optimizer takes it, and its graphs
+    record it as trained)."""
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        pl_module.model.whiten.bias.requires_grad_(False)
+
+
+def test_a_new_fit_trains_the_whitening_bias_again_in_its_first_epochs(cifar_root: Path):
+    _whitening_bias_trained_for_one_epoch(cifar_root, [SwitchedOffByAnEarlierFit()])

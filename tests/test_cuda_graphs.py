@@ -129,6 +129,17 @@ def test_steps_a_graph_cannot_repeat_run_the_network(graphs_on_the_cpu: GraphsOn
     network.eval()
     without_graph("the network is in evaluation mode")
     network.train()
+    layer.eval()
+    without_graph(f"{type(layer).__name__} is in evaluation mode")
+    layer.train()
+    norm = next(m for m in network.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    statistics = norm.running_mean
+    norm.running_mean = statistics.clone()  # replaced, as Lightning's SWA does
+    without_graph("the network's parameters or buffers changed since the graphs were recorded")
+    norm.running_mean = statistics
+    norm.weight.requires_grad_(False)
+    without_graph("the network's parameters or buffers changed since the graphs were recorded")
+    norm.weight.requires_grad_(True)
     graph.unrecorded.clear()
     assert graph(torch.randn(2, 3, 32, 32)) is None
     assert list(graph.unrecorded) == [
@@ -186,3 +197,19 @@ def test_a_loader_that_pins_in_a_thread_keeps_graphs_off_where_torch_cannot_reco
     assert reason is not None and reason.startswith("the training DataLoader pins memory")
     assert pinning_conflict(pinning, since) is None
     assert pinning_conflict([in_the_step, workers], before) is None
+
+
+def test_steps_that_accumulate_gradients_run_the_network(graphs_on_the_cpu: GraphsOnTheCPU):
+    """A backward graph writes each gradient into its own buffer, which becomes the parameter's
+    gradient: a second backward before ``zero_grad`` would add that buffer to itself. The
+    accumulation a scheduler turns on after training has started runs the network instead."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    kept = Graphs()
+    _, graphed = _fit(True, [kept, GradientAccumulationScheduler({1: 2})])
+    _, plain = _fit(False, [GradientAccumulationScheduler({1: 2})])
+    for (name, a), (_, b) in zip(graphed, plain):
+        assert torch.equal(a, b), name
+    assert kept.graph.replays == 2  # the first epoch's full batches
+    reason = "gradients accumulate over several batches (trainer.accumulate_grad_batches)"
+    assert kept.graph.unrecorded[reason] == 3
