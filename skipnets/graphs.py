@@ -143,7 +143,7 @@ class TrainingGraph:
             if hooks and not all(id(h) in self.allowed_hooks for h in hooks):
                 return f"a hook is registered on {type(module).__name__}"
         for block in self.blocks:
-            if block._altered or block._observers or block.survival_prob < 1.0:
+            if not block.fast_path:
                 return f"{type(block).__name__} is lesioned, routed, observed or dropped"
         if self.recorded is not None and self._changed():
             # Replaced (Lightning's SWA swaps BatchNorm statistics, a move reallocates) or

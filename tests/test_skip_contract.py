@@ -27,6 +27,30 @@ def test_fast_path_equals_hand_written_residual():
     torch.testing.assert_close(block(x), expected)
 
 
+def test_fast_path_says_when_a_block_is_its_plain_forward():
+    block = CountingBlock()
+    assert block.fast_path
+    for attach, detach in (
+        (lambda: setattr(block, "lesioned", True), lambda: setattr(block, "lesioned", False)),
+        (
+            lambda: setattr(block, "survival_prob", 0.5),
+            lambda: setattr(block, "survival_prob", 1.0),
+        ),
+        (
+            lambda: setattr(block, "gradient_path", "branch"),
+            lambda: setattr(block, "gradient_path", "both"),
+        ),
+    ):
+        attach()
+        assert not block.fast_path
+        detach()
+        assert block.fast_path
+    handle = block.observe(lambda *args: None)
+    assert not block.fast_path
+    handle.remove()
+    assert block.fast_path
+
+
 def test_lesioned_block_is_its_identity_path():
     x = torch.randn(3, 4)
     residual = CountingBlock()

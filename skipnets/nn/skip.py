@@ -193,8 +193,16 @@ class SkipBlock(nn.Module):
         self._observers[handle.id] = observer
         return handle
 
+    @property
+    def fast_path(self) -> bool:
+        """Whether the forward takes the fast path, ``combine(shortcut(x), branch(x))`` and
+        nothing else: not lesioned, routed or observed, and without stochastic depth. What
+        repeats a recorded forward (``model.cuda_graphs``) uses the recording only while every
+        block takes it."""
+        return not (self._altered or self._observers or self.survival_prob < 1.0)
+
     def forward(self, x: Tensor) -> Tensor:
-        if not (self._altered or self._observers or self.survival_prob < 1.0):
+        if self.fast_path:
             return self.combine(self.shortcut(x), self.branch(x))
         return self._forward_general(x)
 
