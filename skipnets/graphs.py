@@ -127,8 +127,6 @@ class TrainingGraph:
         """Why this step cannot be the recorded one, or None."""
         if not isinstance(x, Tensor):
             return f"the network's input is a {type(x).__name__}, not a tensor"
-        if not self.network.training:
-            return "the network is in evaluation mode"
         sample = self.sample
         if sample is not None and (
             x.shape != sample.shape or x.dtype != sample.dtype or x.device != sample.device
@@ -136,7 +134,7 @@ class TrainingGraph:
             return f"a batch of shape {tuple(x.shape)}, not the recorded {tuple(sample.shape)}"
         if _global_hooks():
             return "global module hooks are registered"
-        for module in self.modules:
+        for module in self.modules:  # the network itself first
             if not module.training:
                 return f"{type(module).__name__} is in evaluation mode"
             hooks = _hooks(module)
@@ -170,7 +168,7 @@ class TrainingGraph:
 
     # -- recording --------------------------------------------------------------------------
     def _record(self, x: Tensor) -> bool:
-        buffers = [b for b in self.network.buffers()]
+        buffers = list(self.network.buffers())
         saved = [b.detach().clone() for b in buffers]
         sample = x.detach().clone()
         kwargs: dict[str, Any] = {"allow_unused_input": True}
@@ -263,9 +261,7 @@ def _global_hooks() -> bool:
 
 
 def _accepts(function: Callable[..., Any], name: str) -> bool:
-    target = getattr(function, "__wrapped__", None) or function
-    if target is _TORCHS_GRAPHER:
-        target = torch.cuda.make_graphed_callables
+    target = torch.cuda.make_graphed_callables if function is _TORCHS_GRAPHER else function
     try:
         return name in inspect.signature(target).parameters
     except (TypeError, ValueError):

@@ -148,7 +148,7 @@ class Classifier(L.LightningModule):
         cuda_graphs: run the network's training forward and backward passes from CUDA graphs
             (``torch.cuda.make_graphed_callables``), recorded at the first training step: one
             launch per pass instead of one per kernel, so that a small network's step is no
-            longer paced by the host (``skipnets.graphs``). The same values as without; steps a
+            longer paced by the host (``skipnets.graphs``). The same computation as without; steps a
             graph cannot repeat (another batch shape, a plugin observing or altering skip
             blocks, stochastic depth, replaced parameters or buffers, gradient accumulation)
             run the network as usual. On one CUDA device; elsewhere (CPU, DDP) a warning says
@@ -403,12 +403,11 @@ class Classifier(L.LightningModule):
         limits = getattr(self.model, "parameter_epochs", None) or {}
         epoch = self.current_epoch
         self._stopped = [self.model.get_parameter(n) for n, e in limits.items() if epoch >= e]
-        switch = self.trainer.world_size == 1 and not self._compiled and self._graph is None
-        for name, epochs in limits.items():
+        if self.trainer.world_size == 1 and not self._compiled and self._graph is None:
             # DDP waits for a gradient of every parameter it was built with, a compiled model
             # would compile again for the change, and CUDA graphs repeat the backward pass they
             # recorded: there, the gradient is computed and dropped before the optimizer step.
-            if switch:
+            for name, epochs in limits.items():
                 self.model.get_parameter(name).requires_grad_(epoch < epochs)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

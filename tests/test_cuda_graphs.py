@@ -127,7 +127,7 @@ def test_steps_a_graph_cannot_repeat_run_the_network(graphs_on_the_cpu: GraphsOn
     without_graph(f"a hook is registered on {type(layer).__name__}")
     hook.remove()
     network.eval()
-    without_graph("the network is in evaluation mode")
+    without_graph(f"{type(network).__name__} is in evaluation mode")
     network.train()
     layer.eval()
     without_graph(f"{type(layer).__name__} is in evaluation mode")
