@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from skipnets.data.workers import WorkerLoader
 from skipnets.errors import ConfigError
 
 __all__ = [
@@ -164,7 +165,7 @@ def dataset_split(
     indices = torch.arange(rank, count, world_size)
 
     def loader(positions: list[int], batch: int, workers: int = 0) -> DataLoader:
-        return DataLoader(
+        return WorkerLoader(
             Subset(dataset, positions),
             batch_size=batch,
             shuffle=False,

@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, TensorDataset
 
 from skipnets.data.analysis import AnalysisSplit, check_split, dataset_split
+from skipnets.data.workers import WorkerLoader
 from skipnets.errors import ConfigError
 
 
@@ -206,7 +207,7 @@ class SeededShuffle(RandomSampler):
         yield from torch.randperm(len(self.data_source), generator=generator).tolist()
 
 
-class ResumableLoader(DataLoader):
+class ResumableLoader(WorkerLoader):
     """A ``DataLoader`` that knows how far into the epoch it is.
 
     Lightning stores its ``state_dict`` in each checkpoint; after a resume in the middle of an
