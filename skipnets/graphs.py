@@ -98,6 +98,8 @@ class TrainingGraph:
         #: Why recording failed; it is not tried again.
         self.failed: str | None = None
         self.replays = 0
+        #: How many recorded outputs let go of their autograd graph (see release_recording).
+        self.released = 0
         #: Steps that ran the network itself, by reason.
         self.unrecorded: Counter[str] = Counter()
 
@@ -176,7 +178,16 @@ class TrainingGraph:
             # Other threads (a DataLoader's pin-memory thread) may call CUDA meanwhile.
             kwargs["capture_error_mode"] = "thread_local"
         try:
-            graphed = self.grapher(_Network(self.network), (sample,), **kwargs)
+            with warnings.catch_warnings():
+                # Before torch 2.12 the warm-up passes run on one stream and the recording on
+                # another, while the last warm-up's outputs keep their gradient accumulators:
+                # recording the backward pass hands gradients across the two streams (one wait,
+                # recorded in the graph), and autograd warns once per process. After recording,
+                # release_recording gives the training steps accumulators of their own stream.
+                warnings.filterwarnings(
+                    "ignore", "The AccumulateGrad node's stream does not match", UserWarning
+                )
+                graphed = self.grapher(_Network(self.network), (sample,), **kwargs)
         except Exception as error:  # any failure: the network runs as usual
             self.failed = f"recording the graphs failed: {type(error).__name__}: {error}"
             warnings.warn(
@@ -187,6 +198,7 @@ class TrainingGraph:
             with torch.no_grad():
                 for buffer, value in zip(buffers, saved):
                     buffer.copy_(value)
+        self.released = release_recording(graphed)
         self.graphed, self.sample = graphed, sample
         self.recorded = self._held()
         self.recorded_state = self._state(self.recorded)
@@ -203,6 +215,50 @@ class TrainingGraph:
 
 def _nothing() -> None:
     return None
+
+
+def release_recording(graphed: Any) -> int:
+    """Let the recorded forward pass's autograd graph go; returns how many outputs let go.
+
+    ``make_graphed_callables`` keeps the outputs of the forward pass it recorded, and with them
+    that pass's autograd graph, whose gradient accumulators (one per parameter) belong to the
+    recording stream. Every later backward pass then hands its gradients from the current stream
+    to those accumulators: autograd makes the streams wait for each other, parameter by
+    parameter, and warns that "The AccumulateGrad node's stream does not match". Detaching the
+    kept outputs (found in the closures of the graphed forward) frees that graph; the next step
+    makes new accumulators on its own stream. Replaying is unaffected: it returns detached
+    copies of those outputs and never reads their graph."""
+    released, seen = 0, set()
+    todo = [getattr(graphed, "forward", graphed)]
+    while todo:
+        item = todo.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, Tensor):
+            if item.grad_fn is not None:
+                try:
+                    item.detach_()
+                except RuntimeError:  # a view: it keeps its graph
+                    continue
+                released += 1
+        elif isinstance(item, (tuple, list)):
+            todo.extend(item)
+        elif isinstance(item, staticmethod):
+            todo.append(item.__func__)
+        elif inspect.isfunction(item):
+            todo.extend(cell.cell_contents for cell in item.__closure__ or () if _filled(cell))
+        elif isinstance(item, type) and issubclass(item, torch.autograd.Function):
+            todo.extend(vars(item).values())
+    return released
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018
+    except ValueError:  # an empty cell
+        return False
+    return True
 
 
 def pinning_conflict(loaders: Any, grapher: Grapher | None = None) -> str | None:

@@ -104,8 +104,10 @@ class GraphsOnTheCPU:
     function over the input and the parameters, whose output is the same static tensor at every
     step and whose backward writes each gradient into a static buffer of its own and hands that
     on, as a replayed graph does (so a gradient kept from an earlier step is overwritten by the
-    next backward, as on a GPU). ``records`` lists the sample shapes recorded; ``fail`` makes
-    recording raise after its warm-up, as a capture refused by CUDA does."""
+    next backward, as on a GPU). The recorded pass's output is kept with its autograd graph, as
+    torch keeps it (``skipnets.graphs.release_recording`` lets it go). ``records`` lists the
+    sample shapes recorded; ``fail`` makes recording raise after its warm-up, as a capture
+    refused by CUDA does."""
 
     def __init__(self) -> None:
         self.records: list[tuple[int, ...]] = []
@@ -122,6 +124,8 @@ class GraphsOnTheCPU:
             raise self.fail
         self.records.append(tuple(static.shape))
         recorded, training = module.forward, module.training
+        # torch keeps the recorded pass's outputs, autograd graph included, for its replays.
+        kept = (recorded(static),)
         gradients = [torch.zeros_like(p) if p.requires_grad else None for p in parameters]
         state: dict = {"output": None, "live": None}
 
@@ -134,6 +138,7 @@ class GraphsOnTheCPU:
                     state["live"] = live = recorded(static)
                 if state["output"] is None:
                     state["output"] = torch.empty_like(live)
+                assert kept[0].shape == live.shape
                 state["output"].copy_(live.detach())
                 return state["output"].detach()
 

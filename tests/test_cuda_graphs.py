@@ -149,6 +149,29 @@ def test_steps_a_graph_cannot_repeat_run_the_network(graphs_on_the_cpu: GraphsOn
     assert graphs_on_the_cpu.records == [(4, 3, 32, 32)]
 
 
+def test_recording_lets_its_autograd_graph_go(graphs: GraphsOnTheCPU | None):
+    # torch keeps the recorded pass's outputs, and with them that pass's gradient accumulators,
+    # made on the recording stream: the training steps' gradients would cross streams every step.
+    import skipnets.graphs
+
+    device = "cuda" if ON_A_GPU else "cpu"
+    network = create_model("speedrun_resnet9", **SMALL).to(device).train()
+    parameters = [p for p in network.parameters() if p.requires_grad]
+    grapher = skipnets.graphs._make_graphed_callables  # the stand-in on the CPU
+
+    def marking(*args, **kwargs):  # marks the accumulators alive when recording ends
+        graphed = grapher(*args, **kwargs)
+        for parameter in parameters:
+            parameter.view_as(parameter).grad_fn.next_functions[0][0].metadata["recorded"] = True
+        return graphed
+
+    graph = TrainingGraph(network, grapher=marking)
+    assert graph(torch.randn(4, 3, 32, 32, device=device)) is not None
+    assert graph.released == 1  # the network's one output
+    accumulators = [p.view_as(p).grad_fn.next_functions[0][0] for p in parameters]
+    assert not [a for a in accumulators if "recorded" in a.metadata]
+
+
 def test_a_failed_recording_warns_and_leaves_the_network_as_it_was(
     graphs_on_the_cpu: GraphsOnTheCPU,
 ):
