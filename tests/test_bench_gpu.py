@@ -76,6 +76,10 @@ def test_cpu_smoke_run_reports_every_figure_and_target(tmp_path, capsys):
         assert first[0] > 0 and first[-1] <= process["first_epoch_s"]
     for part in ("first step", "steps 2-5", "remaining steps", "after the last step"):
         assert f"fresh first epoch: {part}" in printed
+    # An untimed process ran before the timed ones (the machine's caches), and is reported.
+    warm = report["warm_up_process"]
+    assert warm["whole_process_s"] > warm["first_epoch_s"] >= warm["first_step_s"] > 0
+    assert "untimed warm-up process (hand-written loop): first step" in printed
     names = [target["name"].split(",")[0] for target in report["targets"]]
     assert names[:3] == ["steady epoch", "first epoch", "whole process"]
     for target in report["targets"]:
