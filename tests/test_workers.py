@@ -43,11 +43,12 @@ class Witness:
 
 
 def _freed_by(loader: torch.utils.data.DataLoader, path: Path) -> list[str]:
-    """Iterate ``loader`` with fresh cyclic garbage in the parent; who freed it."""
-    gc.collect()
+    """Iterate ``loader`` with cyclic garbage in the parent; who freed it."""
     gc.disable()  # the garbage must still be there when the workers start
     try:
-        Witness(path)
+        witness = Witness(path)
+        gc.collect()  # it survives, into the oldest generation (old garbage: the hardest case)
+        del witness
         batches = list(loader)
     finally:
         gc.enable()

@@ -8,8 +8,8 @@ that garbage; where it holds a CUDA tensor, the child (which has no CUDA context
 unexpectedly". Which run it hits depends on the collector's timing.
 
 :class:`WorkerLoader` starts its workers with every object of the parent frozen
-(:func:`gc.freeze`), so no child ever collects an object it inherited; the parent unfreezes them
-at once and collects its own garbage as before.
+(:func:`gc.freeze`), so no child ever collects an object it inherited; the parent collects its
+young garbage just before and unfreezes its objects at once after, and collects as before.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ class WorkerLoader(DataLoader):
     def _get_iterator(self) -> Any:  # where the worker processes start
         if self.num_workers == 0:
             return super()._get_iterator()
+        # The young garbage first, so that unfreezing does not move it to the oldest generation.
+        gc.collect(1)
         gc.freeze()
         try:
             return super()._get_iterator()
