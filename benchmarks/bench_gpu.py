@@ -758,7 +758,8 @@ class HandEMA:
 class GraphedForward:
     """``model``'s training forward and backward as CUDA graphs recorded on the batch ``x``
     (``torch.cuda.make_graphed_callables``), with the running statistics its warm-up passes
-    moved put back and the recorded pass's autograd graph let go, as ``skipnets.graphs`` does; a batch of another shape runs the model's own forward."""
+    moved put back and the recorded pass's autograd graph let go, as ``skipnets.graphs`` does; a
+    batch of another shape runs the model's own forward."""
 
     def __init__(self, model: torch.nn.Module, x: torch.Tensor) -> None:
         self.eager = model.forward
